@@ -14,7 +14,6 @@ Departure from the peers: the last transition sigma_T -> 0 is taken with the pla
 (both papers skip it), so its noise would only add pixel noise to the image the reward scores.
 """
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,16 +39,11 @@ def sigma_schedule(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return (shift * s / (1 + (shift - 1) * s)).float()  # (num_steps+1,)
 
 
-def sde_step(velocity, sample, sigma, sigma_next, *, mode="flow", eta=0.7, prev_sample=None, generator=None,
-             sigma_max=None):
-    """One reverse step x -> x' of the flow SDE; returns (x', log pi(x' | x)) with log_prob of shape (N,).
+def sde_mean_std(velocity, sample, sigma, sigma_next, *, mode="flow", eta=0.7, sigma_max=None):
+    """Mean (N, ...) and std (N or 1, 1, ...) of the Gaussian policy pi(x' | x) of one reverse step, in fp32.
 
     `sigma`, `sigma_next`: floats or per-row tensors (N,) (a chunk batches one trajectory's steps as rows).
-    `prev_sample` given: score that x' instead of drawing one (training re-scores stored transitions this way).
-    `generator`: a torch.Generator or a list of N of them (one per trajectory, so draws ignore batch composition).
     `sigma_max`: Flow-GRPO's stand-in for sigma in 1 - sigma at sigma == 1 (the schedule's second sigma).
-    Modes: flow (Flow-GRPO, eta 0.7), dance (DanceGRPO, eta 0.3), cps (Flow-GRPO's coefficient-preserving
-    sampler), ode (g = 0: plain Euler; log_prob is zeros since a deterministic step has no density).
     """
     if mode not in SDE_MODES:
         raise UsageError(f"unknown SDE mode {mode!r}; choose one of {', '.join(SDE_MODES)}")
@@ -62,30 +56,42 @@ def sde_step(velocity, sample, sigma, sigma_next, *, mode="flow", eta=0.7, prev_
         raise UsageError("sde_step needs sigma_next < sigma: the sampler runs from noise (sigma=1) to image (0)")
     dt = s_next - s  # (N or 1, 1, ...) negative
     if mode == "ode":
-        mean, std = x + v * dt, torch.zeros_like(s)
-    elif mode == "cps":
+        return x + v * dt, torch.zeros_like(s)
+    if mode == "cps":
         # Flow-GRPO CPS: std = s' sin(eta pi/2); mean = (1 - s') x0_hat + sqrt(s'^2 - std^2) eps_hat.
         std = s_next * np.sin(eta * np.pi / 2)
         x0_hat, eps_hat = x - s * v, x + (1 - s) * v
-        mean = (1 - s_next) * x0_hat + (s_next**2 - std**2).sqrt() * eps_hat
+        return (1 - s_next) * x0_hat + (s_next**2 - std**2).sqrt() * eps_hat, std
+    if mode == "dance":
+        g = torch.full_like(s, eta)  # DanceGRPO: constant diffusion coefficient g = eta
     else:
-        if mode == "dance":
-            g = torch.full_like(s, eta)  # DanceGRPO: constant diffusion coefficient g = eta
-        else:
-            if sigma_max is None and (s == 1).any():
-                raise UsageError("sde_step(mode='flow') at sigma=1 needs sigma_max (the schedule's second sigma)")
-            denom = 1 - torch.where(s == 1, torch.as_tensor(sigma_max or 0.0, device=x.device), s)
-            g = eta * (s / denom).sqrt()  # Flow-GRPO: g = eta sqrt(s / (1 - s))
-        score = -(x + (1 - s) * v) / s  # grad log p_s(x) of the linear interpolant, from x0_hat = x - s v
-        mean = x + (v - 0.5 * g**2 * score) * dt  # Euler-Maruyama drift of the marginal-preserving reverse SDE
-        std = g * (-dt).sqrt()
+        if sigma_max is None and (s == 1).any():
+            raise UsageError("sde_step(mode='flow') at sigma=1 needs sigma_max (the schedule's second sigma)")
+        denom = 1 - torch.where(s == 1, torch.as_tensor(sigma_max or 0.0, device=x.device), s)
+        g = eta * (s / denom).sqrt()  # Flow-GRPO: g = eta sqrt(s / (1 - s))
+    score = -(x + (1 - s) * v) / s  # grad log p_s(x) of the linear interpolant, from x0_hat = x - s v
+    mean = x + (v - 0.5 * g**2 * score) * dt  # Euler-Maruyama drift of the marginal-preserving reverse SDE
+    return mean, g * (-dt).sqrt()
+
+
+def sde_step(velocity, sample, sigma, sigma_next, *, mode="flow", eta=0.7, prev_sample=None, generator=None,
+             sigma_max=None):
+    """One reverse step x -> x' of the flow SDE; returns (x', log pi(x' | x)) with log_prob of shape (N,).
+
+    `prev_sample` given: score that x' instead of drawing one (training re-scores stored transitions this way).
+    `generator`: a torch.Generator or a list of N of them (one per trajectory, so draws ignore batch composition).
+    Modes: flow (Flow-GRPO, eta 0.7), dance (DanceGRPO, eta 0.3), cps (Flow-GRPO's coefficient-preserving
+    sampler), ode (g = 0: plain Euler; log_prob is zeros since a deterministic step has no density).
+    Other arguments: see `sde_mean_std`.
+    """
+    mean, std = sde_mean_std(velocity, sample, sigma, sigma_next, mode=mode, eta=eta, sigma_max=sigma_max)
     if prev_sample is None:
-        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)  # (N, ...)
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)  # (N, ...)
         prev_sample = mean + std * noise
     x_next = prev_sample.detach().float()
-    dims = tuple(range(1, x.ndim))
+    dims = tuple(range(1, mean.ndim))
     if mode == "ode":
-        log_prob = torch.zeros(x.shape[0], device=x.device)
+        log_prob = torch.zeros(mean.shape[0], device=mean.device)
     elif mode == "cps":
         log_prob = -((x_next - mean) ** 2).mean(dims)  # CPS's unnormalised "log-prob" (pair it with clip 1e-5)
     else:
@@ -271,16 +277,16 @@ def rollout(model: FlowModel, prompts, *, num_generations, num_steps=17, shift=3
     embeds = {k: e.repeat_interleave(num_generations, 0) for k, e in unique.items()}  # each (N, ...)
     sigmas = sigma_schedule(num_steps, shift).to(model.device)  # (num_steps+1,)
     gens = [torch.Generator().manual_seed(seed_for(seed, 0, j)) for j in range(n)]
-    init_keys = {"none": lambda j: (seed, 1, j), "group": lambda j: (seed, 2, int(group[j])), "all": lambda j: (seed, 3)}
-    init = [torch.Generator().manual_seed(seed_for(*init_keys[init_same_noise](j))) for j in range(n)]
+    init_key = {"none": lambda j: (seed, 1, j), "group": lambda j: (seed, 2, int(group[j])), "all": lambda j: (seed, 3)}
+    init = [torch.Generator().manual_seed(seed_for(*init_key[init_same_noise](j))) for j in range(n)]
     x = randn_tensor((n, *model.latent_shape), generator=init, device=model.device, dtype=torch.float32)
     batch_size = batch_size or n
     states, log_probs = [x], []
     from tqdm import tqdm
     for i in tqdm(range(num_steps), desc="rollout", disable=not progress, leave=False):
-        v = torch.cat([model.velocity(model.transformer, x[b:b + batch_size], sigmas[i].expand(len(x[b:b + batch_size])),
+        v = torch.cat([model.velocity(model.transformer, xb, sigmas[i].expand(len(xb)),
                                       {k: e[b:b + batch_size] for k, e in embeds.items()})
-                       for b in range(0, n, batch_size)])  # (N, *latent_shape)
+                       for b, xb in zip(range(0, n, batch_size), x.split(batch_size))])  # (N, *latent_shape)
         last = i == num_steps - 1  # the final step into sigma=0 is never trained: take it deterministically
         x, log_prob = sde_step(v, x, sigmas[i], sigmas[i + 1], mode="ode" if last else mode, eta=eta,
                                generator=gens, sigma_max=sigmas[1])
@@ -327,13 +333,29 @@ def to_pil(images):
     return [Image.fromarray(a) for a in arrays]
 
 
+def image_grid(images, captions=(), cols=None, scale=4):
+    """A PIL grid of (N, 3, H, W) images in [0, 1], each upscaled `scale` times and captioned underneath."""
+    from PIL import Image, ImageDraw
+    tiles = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(images)]
+    cols = cols or len(tiles)
+    w, h, pad = tiles[0].width, tiles[0].height, 24 if captions else 0
+    grid = Image.new("RGB", (cols * w, -(-len(tiles) // cols) * (h + pad)), "white")
+    for i, tile in enumerate(tiles):
+        x, y = (i % cols) * w, (i // cols) * (h + pad)
+        grid.paste(tile, (x, y))
+        if captions:  # two short lines under the tile, wrapped by characters (the default font is ~6 px wide)
+            text = str(captions[i])
+            ImageDraw.Draw(grid).multiline_text((x + 2, y + h + 1), text[:w // 6] + "\n" + text[w // 6:2 * w // 6],
+                                                fill="black", spacing=1)
+    return grid
+
+
 def main(args: Args):
-    from diffusers.utils import make_image_grid
     model = load_model(args.model, device=args.device, height=args.height, width=args.width,
                        dtype=torch.float32 if args.device == "cpu" else torch.bfloat16)
     traj = rollout(model, list(args.prompt), num_generations=args.num_generations, num_steps=args.num_steps,
                    shift=args.shift, mode=args.mode, eta=args.eta, seed=args.seed, progress=True)
-    make_image_grid(to_pil(traj.images), rows=len(args.prompt), cols=args.num_generations).save(args.out)
+    image_grid(traj.images, cols=args.num_generations, scale=1 if model.kind != "toy" else 4).save(args.out)
     print(f"{len(traj.prompts)} samples of {args.model} ({args.mode}, {args.num_steps} steps) -> {args.out}")
 
 

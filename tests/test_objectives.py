@@ -1,0 +1,96 @@
+"""The maths of train_grpo.py and train_chunk.py: advantages, and the chunk objective against the step objective."""
+import pytest
+import torch
+
+from chunking import chunk_bounds
+from sampler import load_model, rollout
+from train_chunk import ChunkArgs, chunk_loss
+from train_grpo import Args, Learner, compute_advantages, step_loss
+
+
+def test_group_advantages_are_z_scores_and_zero_variance_groups_get_zero():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5, -1.0, 4.0, 0.0, 2.0])
+    group = torch.arange(3).repeat_interleave(4)
+    adv, frac_zero = compute_advantages(rewards, group, adv_clip_max=100)
+    for g in (0, 2):
+        a = adv[group == g]
+        assert abs(a.mean()) < 1e-6 and abs(a.std() - 1) < 1e-6  # unbiased std, as DanceGRPO
+    assert torch.equal(adv[group == 1], torch.zeros(4)) and frac_zero == pytest.approx(1 / 3)
+    outlier = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 100])  # its z-score is 7 / sqrt(8) = 2.47
+    clipped, _ = compute_advantages(outlier, torch.zeros(8, dtype=torch.long), adv_clip_max=2.0)
+    assert clipped.max() == 2.0 and clipped.min() > -2.0
+
+
+def test_batch_std_advantages_use_one_std_for_the_batch():
+    rewards, group = torch.tensor([1.0, 3.0, 10.0, 20.0]), torch.tensor([0, 0, 1, 1])
+    adv, _ = compute_advantages(rewards, group, adv_std="batch", adv_clip_max=100)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -5.0, 5.0]) / rewards.std())
+
+
+def test_slas_gamma_zero_is_std_free_advantage_over_batch_std_and_shaping_keeps_sign_and_order():
+    g = torch.Generator().manual_seed(0)
+    rewards, group = torch.rand(24, generator=g), torch.arange(4).repeat_interleave(6)
+    d = rewards - rewards.view(4, 6).mean(1).repeat_interleave(6)
+    linear, _ = compute_advantages(rewards, group, slas_gamma=0.0, adv_clip_max=100)
+    torch.testing.assert_close(linear, d / d.std())
+    shaped, _ = compute_advantages(rewards, group, slas_gamma=0.5, adv_clip_max=100)
+    assert torch.equal(shaped.sign(), d.sign())
+    assert torch.equal(shaped.argsort(), d.argsort())
+    expected = d.sign() * d.abs() ** 1.5
+    torch.testing.assert_close(shaped, expected / expected.std())
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_flux_dir):
+    torch.manual_seed(0)
+    model = load_model(tiny_flux_dir, height=32, width=32)
+    traj = rollout(model, ["a red circle", "two blue squares"], num_generations=3, num_steps=7, seed=0)
+    adv = torch.tensor([1.0, -0.5, 0.3, -2.0, 0.7, 1.5])
+    return model, traj, adv
+
+
+def grads_of(model, fn):
+    model.transformer.zero_grad(set_to_none=True)
+    out = fn()
+    return out, torch.cat([p.grad.flatten() for p in model.transformer.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_chunks_of_size_one_equal_the_step_objective(batch, beta, tiny_flux_dir):
+    model, traj, adv = batch
+    T = traj.log_probs.shape[1]
+    # nudge the weights so ratios differ from 1 and some get clipped
+    with torch.no_grad():
+        for p in model.transformer.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    ref = load_model(tiny_flux_dir, height=32, width=32).transformer if beta else None  # the un-nudged base
+    args = ChunkArgs(clip_range=1e-3, beta=beta, train_batch_size=4)
+    learner = Learner(model, ref, args)
+    rows = torch.tensor([0, 2, 3, 5])
+    steps = torch.stack([torch.randperm(T, generator=torch.Generator().manual_seed(i))[:3] for i in range(4)])
+    step_ratio, step_grad = grads_of(model, lambda: step_loss(learner, traj, adv, rows, steps, 0.25))
+    chunk_ratio, chunk_grad = grads_of(model, lambda: chunk_loss(learner, traj, adv, rows, steps, [1] * T, 0.25))
+    assert (step_ratio - 1).abs().max() > 1e-4  # the comparison is not between two trivial ratios of 1
+    assert (step_ratio - chunk_ratio).abs().max() < 1e-6
+    assert (step_grad - chunk_grad).abs().max() < 1e-6 and step_grad.abs().max() > 0
+
+
+def test_one_chunk_of_all_steps_is_the_sequence_level_ratio(batch):
+    model, traj, adv = batch
+    T = traj.log_probs.shape[1]
+    learner = Learner(model, None, ChunkArgs(clip_range=1e-3))
+    rows = torch.tensor([1, 4])
+    ratio = chunk_loss(learner, traj, adv, rows, torch.zeros(2, 1, dtype=torch.long), [T], 1.0)
+    with torch.no_grad():  # brute force: every step scored on its own, then exp of the mean log-ratio
+        logp = torch.stack([learner.log_probs(traj, torch.tensor([r] * T), torch.arange(T))[0] for r in (1, 4)])
+    torch.testing.assert_close(ratio, (logp - traj.log_probs[rows]).mean(1).exp(), atol=1e-6, rtol=0)
+    assert chunk_bounds([T]) == [(0, T)]
+
+
+def test_args_defaults_are_the_gcpo_recipe():
+    a = ChunkArgs()
+    assert (a.num_steps, a.shift, a.sde_mode, a.eta, a.num_generations, a.prompts_per_rank) == (17, 3.0, "flow", 0.7,
+                                                                                                  12, 2)
+    assert (a.clip_range, a.learning_rate, a.max_grad_norm, a.timestep_fraction) == (5e-5, 1e-5, 0.01, 0.5)
+    assert a.chunk_sizes == (2, 3, 4, 7) and a.chunk_fraction == 0.5 and not a.chunk_weighted_sampling
+    assert isinstance(a, Args)
