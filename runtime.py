@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -164,3 +165,27 @@ def run(entry, parse):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def to_pil(images):
+    """(N, 3, H, W) in [0, 1] -> list of PIL images."""
+    from PIL import Image
+    arrays = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def image_grid(images, captions=(), cols=None, scale=4):
+    """A PIL grid of (N, 3, H, W) images in [0, 1], each upscaled `scale` times and captioned underneath."""
+    from PIL import Image, ImageDraw
+    tiles = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(images)]
+    cols = cols or len(tiles)
+    w, h, pad = tiles[0].width, tiles[0].height, 24 if captions else 0
+    grid = Image.new("RGB", (cols * w, -(-len(tiles) // cols) * (h + pad)), "white")
+    for i, tile in enumerate(tiles):
+        x, y = (i % cols) * w, (i // cols) * (h + pad)
+        grid.paste(tile, (x, y))
+        if captions:  # two short lines under the tile, wrapped by characters (the default font is ~6 px wide)
+            text = str(captions[i])
+            ImageDraw.Draw(grid).multiline_text((x + 2, y + h + 1), text[:w // 6] + "\n" + text[w // 6:2 * w // 6],
+                                                fill="black", spacing=1)
+    return grid

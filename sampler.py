@@ -178,8 +178,23 @@ def toy_model(transformer, text_encoder, tokenizer, max_length, *, device="cpu",
 
 
 def load_model(name_or_path, *, device="cpu", dtype=torch.float32, height=None, width=None, guidance_scale=None,
-               quantize_timestep=True) -> FlowModel:
-    """A FLUX or SD3 pipeline (hub id or folder in diffusers format) or the toy bundle ("toy" or its folder)."""
+               quantize_timestep=True, transformer=None) -> FlowModel:
+    """A FLUX or SD3 pipeline (hub id or folder in diffusers format) or the toy bundle ("toy" or its folder).
+
+    `transformer`: a folder holding a trained transformer (a trainer checkpoint's `transformer/`) to use in place of
+    the pipeline's own; everything else (text encoders, VAE) comes from `name_or_path`.
+    """
+    model = _load_model(name_or_path, device=device, dtype=dtype, height=height, width=width,
+                        guidance_scale=guidance_scale, quantize_timestep=quantize_timestep)
+    if transformer is not None:
+        if not Path(transformer, "config.json").is_file():
+            raise UsageError(f"no trained transformer in {str(transformer)!r} (expected config.json and "
+                             f"safetensors weights, as in a checkpoint's transformer/ folder)")
+        model.transformer = type(model.transformer).from_pretrained(transformer, dtype=dtype).to(device)
+    return model
+
+
+def _load_model(name_or_path, *, device, dtype, height, width, guidance_scale, quantize_timestep) -> FlowModel:
     import diffusers
     import transformers
     diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the training bars
@@ -326,31 +341,8 @@ class Args:
     """where to write the image grid"""
 
 
-def to_pil(images):
-    """(N, 3, H, W) in [0, 1] -> list of PIL images."""
-    from PIL import Image
-    arrays = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round().astype(np.uint8)  # (N, H, W, 3)
-    return [Image.fromarray(a) for a in arrays]
-
-
-def image_grid(images, captions=(), cols=None, scale=4):
-    """A PIL grid of (N, 3, H, W) images in [0, 1], each upscaled `scale` times and captioned underneath."""
-    from PIL import Image, ImageDraw
-    tiles = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(images)]
-    cols = cols or len(tiles)
-    w, h, pad = tiles[0].width, tiles[0].height, 24 if captions else 0
-    grid = Image.new("RGB", (cols * w, -(-len(tiles) // cols) * (h + pad)), "white")
-    for i, tile in enumerate(tiles):
-        x, y = (i % cols) * w, (i // cols) * (h + pad)
-        grid.paste(tile, (x, y))
-        if captions:  # two short lines under the tile, wrapped by characters (the default font is ~6 px wide)
-            text = str(captions[i])
-            ImageDraw.Draw(grid).multiline_text((x + 2, y + h + 1), text[:w // 6] + "\n" + text[w // 6:2 * w // 6],
-                                                fill="black", spacing=1)
-    return grid
-
-
 def main(args: Args):
+    from runtime import image_grid
     model = load_model(args.model, device=args.device, height=args.height, width=args.width,
                        dtype=torch.float32 if args.device == "cpu" else torch.bfloat16)
     traj = rollout(model, list(args.prompt), num_generations=args.num_generations, num_steps=args.num_steps,

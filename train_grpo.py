@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from runtime import (Logger, PromptSource, autocast, checkpoints, gather, load_checkpoint, reduce_mean, run,
-                     save_checkpoint, setup_distributed, shard)
-from sampler import UsageError, image_grid, load_model, rollout, sde_mean_std, sde_step, seed_for
+from runtime import (Logger, PromptSource, autocast, checkpoints, gather, image_grid, load_checkpoint, reduce_mean,
+                     run, save_checkpoint, setup_distributed, shard)
+from sampler import UsageError, load_model, rollout, sde_mean_std, sde_step, seed_for
 
 
 @dataclass
@@ -134,7 +134,7 @@ def parse_args(cls=Args, presets=PRESETS, argv=None):
     """tyro CLI whose defaults are switched wholesale by `--preset NAME` (presets are plain Python values)."""
     import tyro
     argv = sys.argv[1:] if argv is None else list(argv)
-    name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
+    name = next((argv[i + 1] for i in reversed(range(len(argv) - 1)) if argv[i] == "--preset"), None)  # last wins
     if name is not None and name not in presets:
         raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
     return tyro.cli(cls, default=replace(cls(), preset=name, **presets.get(name, {})), args=argv)
@@ -251,11 +251,11 @@ def main(args: Args, objective=step_objective, describe=lambda args, T: []):
         raise UsageError(f"--prompts-per-rank x --num-generations = {n_local} trajectories per rank is not divisible "
                          f"by --gradient-accumulation-steps {args.gradient_accumulation_steps}; change one of them")
     prompts = PromptSource(args.prompts)
-    reward_paths = dict(p.split("=", 1) for p in args.reward_path)
-    reward_fn = build_reward(list(args.reward), device=device, paths=reward_paths)
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32  # inference-only parts run in bf16 on CUDA
+    reward_fn = build_reward(list(args.reward), device=device, dtype=half, paths=list(args.reward_path))
     torch.manual_seed(args.seed)  # identical weights on every rank (also true of a loaded checkpoint)
-    model = load_model(args.model, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                       height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    model = load_model(args.model, device=device, dtype=half, height=args.height, width=args.width,
+                       guidance_scale=args.guidance_scale)
     policy = model.transformer.float().requires_grad_(True)  # fp32 master weights; compute runs in bf16 on CUDA
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
