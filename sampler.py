@@ -276,30 +276,36 @@ def seed_for(*keys: int) -> int:
 
 @torch.no_grad()
 def rollout(model: FlowModel, prompts, *, num_generations, num_steps=17, shift=3.0, mode="flow", eta=0.7, seed=0,
-            init_same_noise="none", batch_size=None, progress=False) -> Trajectories:
+            prompt_seeds=None, init_same_noise="none", batch_size=None, transformers=None,
+            progress=False) -> Trajectories:
     """Sample `num_generations` trajectories per prompt, batched, recording states and log-probs of every step.
 
-    Trajectory j draws all its noise from its own generator, seeded from (seed, j): the result does not depend on
-    `batch_size` (micro-batching of the transformer) or on what else is in the batch. `init_same_noise`: "none",
-    "group" (a prompt's G trajectories start from one noise, isolating the policy's own noise) or "all" (every
-    trajectory of this call, GCPO's per-GPU `init_same_noise`).
+    Image g of prompt p draws all its noise from its own generator, seeded from (prompt_seeds[p], g), where
+    prompt_seeds defaults to seed_for(seed, p): results do not depend on `batch_size` (micro-batching of the
+    transformer) or on the other prompts of the call (eval.py passes seeds keyed by a prompt's index in its set).
+    `init_same_noise`: "none", "group" (a prompt's G trajectories start from one noise, isolating the policy's own
+    noise) or "all" (every trajectory of this call, GCPO's per-GPU `init_same_noise`).
+    `transformers`: one transformer per step (hybrid inference); default model.transformer throughout.
     """
     if init_same_noise not in ("none", "group", "all"):
         raise UsageError(f"init_same_noise={init_same_noise!r}; choose none, group or all")
-    num_prompts, n = len(prompts), len(prompts) * num_generations
-    group = torch.arange(num_prompts).repeat_interleave(num_generations)  # (N,)
+    num_prompts, n, G = len(prompts), len(prompts) * num_generations, num_generations
+    group = torch.arange(num_prompts).repeat_interleave(G)  # (N,)
     unique = model.encode_prompts(list(prompts))  # encode each prompt once, then repeat it for its group
-    embeds = {k: e.repeat_interleave(num_generations, 0) for k, e in unique.items()}  # each (N, ...)
+    embeds = {k: e.repeat_interleave(G, 0) for k, e in unique.items()}  # each (N, ...)
     sigmas = sigma_schedule(num_steps, shift).to(model.device)  # (num_steps+1,)
-    gens = [torch.Generator().manual_seed(seed_for(seed, 0, j)) for j in range(n)]
-    init_key = {"none": lambda j: (seed, 1, j), "group": lambda j: (seed, 2, int(group[j])), "all": lambda j: (seed, 3)}
-    init = [torch.Generator().manual_seed(seed_for(*init_key[init_same_noise](j))) for j in range(n)]
+    keys = prompt_seeds if prompt_seeds is not None else [seed_for(seed, p) for p in range(num_prompts)]
+    gens = [torch.Generator().manual_seed(seed_for(keys[j // G], 0, j % G)) for j in range(n)]
+    init_key = {"none": lambda j: (keys[j // G], 1, j % G), "group": lambda j: (keys[j // G], 2),
+                "all": lambda j: (seed, 3)}[init_same_noise]
+    init = [torch.Generator().manual_seed(seed_for(*init_key(j))) for j in range(n)]
     x = randn_tensor((n, *model.latent_shape), generator=init, device=model.device, dtype=torch.float32)
     batch_size = batch_size or n
     states, log_probs = [x], []
     from tqdm import tqdm
     for i in tqdm(range(num_steps), desc="rollout", disable=not progress, leave=False):
-        v = torch.cat([model.velocity(model.transformer, xb, sigmas[i].expand(len(xb)),
+        transformer = model.transformer if transformers is None else transformers[i]
+        v = torch.cat([model.velocity(transformer, xb, sigmas[i].expand(len(xb)),
                                       {k: e[b:b + batch_size] for k, e in embeds.items()})
                        for b, xb in zip(range(0, n, batch_size), x.split(batch_size))])  # (N, *latent_shape)
         last = i == num_steps - 1  # the final step into sigma=0 is never trained: take it deterministically
