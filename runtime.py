@@ -143,7 +143,7 @@ class Logger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in (self.path.read_text().splitlines() if self.path.exists() else [])
-                if json.loads(line)["iteration"] < start]  # a resumed run rewrites what it redoes
+                if json.loads(line)["iteration"] <= start]  # a resumed run rewrites what it redoes
         self.path.write_text("".join(line + "\n" for line in kept))
         if args.wandb:
             try:

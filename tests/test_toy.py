@@ -1,0 +1,145 @@
+"""Tests of the toy world: the grammar's split, the renderer against the verifier, hand-checked atoms, the bundle."""
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, however pytest is launched
+import toy  # noqa: E402
+from toy import COLOURS, SHAPES, Scene  # noqa: E402
+
+
+def all_scenes():
+    """Every scene the grammar can say, by category (relation groups count one or two, as random_scene draws)."""
+    objs = [(c, s) for c in COLOURS for s in SHAPES]
+    yield from (Scene("single_object", ((1, c, s),)) for c, s in objs)
+    yield from (Scene("counting", ((n, c, s),)) for n in (2, 3, 4) for c, s in objs)
+    yield from (Scene("position", ((1, c, s),), p) for c, s in objs for p in toy.POSITIONS)
+    for a, b in itertools.permutations(objs, 2):
+        yield Scene("two_object", ((1, *a), (1, *b)))
+        for n, m, rel in itertools.product((1, 2), (1, 2), toy.RELATIONS):
+            yield Scene("relation", ((n, *a), (m, *b)), rel)
+
+
+def test_heldout_compositions_never_in_train():
+    scenes = list(all_scenes())
+    heldout = {toy.composition(s) for s in scenes if toy.split_of(s) == "heldout"}
+    train = {toy.composition(s) for s in scenes if toy.split_of(s) == "train"}
+    assert not heldout & train  # a composition has one split, whatever its surface form
+    for cat in toy.CATEGORIES:  # every category has held-out compositions to evaluate on
+        assert any(k[0] == cat for k in heldout) and any(k[0] == cat for k in train), cat
+    # "A left of B" and "B right of A" are one composition, so one of them cannot leak the other into training
+    a = Scene("relation", ((1, "red", "circle"), (2, "blue", "square")), "to the left of")
+    b = Scene("relation", ((2, "blue", "square"), (1, "red", "circle")), "to the right of")
+    assert toy.composition(a) == toy.composition(b)
+    for split, other in (("train", heldout), ("heldout", train)):
+        prompts = toy.sample_prompts(split, 3000, seed=1)
+        assert not {toy.composition(toy.parse(p)) for p in prompts} & other
+        assert {toy.category(p) for p in prompts} == set(toy.CATEGORIES)
+    assert toy.sample_prompts("train", 50, seed=3) == toy.sample_prompts("train", 50, seed=3)
+
+
+def test_prompts_round_trip():
+    for p in toy.sample_prompts("train", 300, seed=0) + toy.sample_prompts("heldout", 300, seed=0):
+        assert toy.prompt_of(toy.parse(p)) == p
+    assert toy.category("three yellow triangles") == "counting"
+    assert toy.category("a green square above two purple circles") == "relation"
+    assert toy.category("a red circle on the left") == "position"
+    for bad in ("a red circle a blue square", "five red circles", "a red circle and", "a red dog"):
+        with pytest.raises(ValueError):
+            toy.parse(bad)
+    # the tokenizer covers every word the grammar says
+    assert set(toy.vocabulary()) == {w for s in all_scenes() for w in toy.prompt_of(s).split()}
+
+
+def test_rendered_ground_truth_scores_one():
+    prompts = toy.sample_prompts("train", 250, seed=0) + toy.sample_prompts("heldout", 250, seed=0)
+    images = toy.render(prompts, seed=0)  # (500, 3, 32, 32)
+    assert images.shape == (500, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    verdict = toy.verify(images, prompts)
+    assert verdict.strict.float().mean() >= 0.99
+    assert verdict.score.shape == (500,) and verdict.strict.dtype == torch.bool
+    # the same scenes judged against other prompts score lower on average
+    assert toy.verify(images, prompts[1:] + prompts[:1]).score.mean() < verdict.score.mean() - 0.5
+    assert toy.verify(torch.zeros(8, 3, 32, 32), prompts[:8]).score.eq(0).all()  # blank (background) image
+    # jitter: one prompt, many images; the same seed, the same images
+    same = toy.render(["two blue squares"] * 16, seed=0)
+    assert len({img.numpy().tobytes() for img in same}) > 12
+    assert torch.equal(same, toy.render(["two blue squares"] * 16, seed=0))
+
+
+def draw(objects):
+    """A hand-built scene: objects (colour, shape, size, x0, y0) pasted at exact pixels."""
+    image = torch.zeros(3, 32, 32)
+    for colour, shape, size, x0, y0 in objects:
+        mask = torch.from_numpy(toy.TEMPLATES[shape, size])
+        h, w = mask.shape
+        image[:, y0:y0 + h, x0:x0 + w][:, mask] = torch.tensor(COLOURS[colour])[:, None]
+    return image
+
+
+def test_atoms_on_hand_built_scenes():
+    left, right = ("red", "circle", 10, 2, 11), ("blue", "square", 10, 20, 11)  # box centres x=7 and x=25
+    cases = [  # (prompt, objects, atoms stated by hand)
+        ("a red circle to the left of a blue square", [left, right],
+         {"object: red circle": True, "count: 1 red circle": True, "object: blue square": True,
+          "count: 1 blue square": True, "relation: red circle to the left of blue square": True}),
+        ("a red circle to the right of a blue square", [left, right],
+         {"object: red circle": True, "count: 1 red circle": True, "object: blue square": True,
+          "count: 1 blue square": True, "relation: red circle to the right of blue square": False}),
+        ("three yellow triangles", [("yellow", "triangle", 9, 2, 2), ("yellow", "triangle", 11, 18, 18)],
+         {"object: yellow triangle": True, "count: 3 yellow triangle": False}),
+        ("a green square above two purple circles",  # one "circle" is a square: one purple circle, below
+         [("green", "square", 9, 12, 1), ("purple", "circle", 11, 2, 19), ("purple", "square", 11, 19, 19)],
+         {"object: green square": True, "count: 1 green square": True, "object: purple circle": True,
+          "count: 2 purple circle": False, "relation: green square above purple circle": True}),
+        ("a blue square on the left", [right],
+         {"object: blue square": True, "count: 1 blue square": True, "position: blue square left": False}),
+        ("a cyan triangle in the centre", [("cyan", "triangle", 9, 12, 11)],  # box centre (16.5, 15.5)
+         {"object: cyan triangle": True, "count: 1 cyan triangle": True, "position: cyan triangle centre": True}),
+        ("a red circle and a blue square", [("red", "square", 10, 2, 11), right],  # wrong shape for the red one
+         {"object: red circle": False, "count: 1 red circle": False, "object: blue square": True,
+          "count: 1 blue square": True}),
+    ]
+    prompts = [p for p, _, _ in cases]
+    verdict = toy.verify(torch.stack([draw(objs) for _, objs, _ in cases]), prompts)
+    for (prompt, _, expected), got in zip(cases, verdict.atoms):
+        assert got == expected, prompt
+    assert verdict.strict.tolist() == [True, False, False, False, False, True, False]
+    assert verdict.score[2] == 0.5 and abs(verdict.score[3] - 0.8) < 1e-6
+    # tolerance: colour noise within COLOUR_TOL keeps the verdict; a 2x2 speck is no object
+    noisy = (draw([left, right]) + 0.05 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    noisy[:, 0:2, 30:32] = torch.tensor(COLOURS["red"])[:, None, None]
+    assert toy.verify(noisy.clamp(0, 1)[None], prompts[:1]).strict.item()
+
+
+def test_verify_is_fast():
+    prompts = toy.sample_prompts("train", 256, seed=2)
+    images = toy.render(prompts, seed=2)
+    toy.verify(images, prompts)  # warm up
+    best = min(_timed(lambda: toy.verify(images, prompts)) for _ in range(3))
+    assert best < 1.0, f"verify took {best:.2f}s for 256 images"
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def test_bundle_loads_and_rolls_out():
+    import sampler
+    size = sum(f.stat().st_size for f in sampler.TOY_DIR.rglob("*") if f.is_file() and f.suffix != ".png")
+    assert size <= 10 * 2**20, f"the toy bundle is {size / 2**20:.1f} MB"
+    model = sampler.load_model("toy")
+    assert model.kind == "toy" and model.latent_shape == (64, 48)
+    tokens = model.encode_prompts(["a red circle", "a green square above two purple circles"])
+    assert tokens["prompt_embeds"].shape[:2] == (2, toy.MAX_LENGTH) and tokens["pooled_prompt_embeds"].ndim == 2
+    prompts = ["a red circle on the left", "two blue squares"]
+    traj = sampler.rollout(model, prompts, num_generations=2, num_steps=4, seed=0)
+    assert traj.images.shape == (4, 3, 32, 32) and traj.log_probs.shape == (4, 3)
+    assert traj.images.min() >= 0 and traj.images.max() <= 1 and torch.isfinite(traj.log_probs).all()
+    assert toy.verify(traj.images, traj.prompts).score.shape == (4,)
