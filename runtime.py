@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +159,16 @@ class Logger:
         if self.run is not None:
             self.run.log(metrics, step=metrics["iteration"])
 
+
+
+def preset_cli(cls, presets, argv=None):
+    """tyro CLI whose defaults are switched wholesale by `--preset NAME` (presets are plain Python values)."""
+    import tyro
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = next((argv[i + 1] for i in reversed(range(len(argv) - 1)) if argv[i] == "--preset"), None)  # last wins
+    if name is not None and name not in presets:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+    return tyro.cli(cls, default=replace(cls(), preset=name, **presets.get(name, {})), args=argv)
 
 
 def run(entry, parse):

@@ -29,7 +29,7 @@ import torch
 
 import train_grpo
 from chunking import chunk_bounds, chunk_means, l1rel, make_layout, num_selected, select_chunks
-from runtime import run
+from runtime import preset_cli, run
 from sampler import UsageError
 from train_grpo import Args, ppo_clip_loss
 
@@ -117,4 +117,4 @@ def main(args: ChunkArgs):
 
 
 if __name__ == "__main__":
-    run(main, partial(train_grpo.parse_args, ChunkArgs, PRESETS))
+    run(main, partial(preset_cli, ChunkArgs, PRESETS))

@@ -18,10 +18,9 @@ under the current weights and takes PPO-clipped steps:
 Every trained step of trajectory i shares its trajectory's advantage A_i. There is no KL term in DanceGRPO / GCPO;
 Flow-GRPO's (`--beta`) is beta * mean((mu_theta - mu_ref)^2) / (2 std^2) against the frozen base model.
 """
-import sys
 import time
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,8 +28,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from runtime import (Logger, PromptSource, autocast, checkpoints, gather, image_grid, load_checkpoint, reduce_mean,
-                     run, save_checkpoint, setup_distributed, shard)
+from runtime import (Logger, PromptSource, autocast, checkpoints, gather, image_grid, load_checkpoint, preset_cli,
+                     reduce_mean, run, save_checkpoint, setup_distributed, shard)
 from sampler import UsageError, load_model, rollout, sde_mean_std, sde_step, seed_for
 
 
@@ -130,16 +129,6 @@ PRESETS = {
                  clip_range=1e-4, adv_std="batch", beta=0.04, learning_rate=1e-5, max_grad_norm=1.0,
                  gradient_accumulation_steps=12, output_dir="runs/sd35-grpo"),
 }
-
-
-def parse_args(cls=Args, presets=PRESETS, argv=None):
-    """tyro CLI whose defaults are switched wholesale by `--preset NAME` (presets are plain Python values)."""
-    import tyro
-    argv = sys.argv[1:] if argv is None else list(argv)
-    name = next((argv[i + 1] for i in reversed(range(len(argv) - 1)) if argv[i] == "--preset"), None)  # last wins
-    if name is not None and name not in presets:
-        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    return tyro.cli(cls, default=replace(cls(), preset=name, **presets.get(name, {})), args=argv)
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -347,6 +336,10 @@ def main(args: Args, objective=step_objective, describe=lambda args, T: []):
             save_checkpoint(policy, optimizer, args, it + 1, rank)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def parse_args(argv=None):
+    return preset_cli(Args, PRESETS, argv)
 
 
 if __name__ == "__main__":
