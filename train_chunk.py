@@ -30,7 +30,7 @@ import torch
 import train_grpo
 from chunking import chunk_bounds, chunk_means, l1rel, make_layout, num_selected, select_chunks
 from runtime import preset_cli, run
-from sampler import UsageError
+from sampler import TOY_DIR, UsageError
 from train_grpo import Args, ppo_clip_loss
 
 
@@ -61,7 +61,7 @@ class ChunkArgs(Args):
 # --save assets/toy/l1rel.json`, shipped with the bundle) into 4 chunks with the `curve` rule.
 PRESETS = {name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")}
            for name, p in train_grpo.PRESETS.items()}
-PRESETS["toy"] |= dict(chunk_layout="curve", chunk_curve="assets/toy/l1rel.json")
+PRESETS["toy"] |= dict(chunk_layout="curve", chunk_curve=str(TOY_DIR / "l1rel.json"))
 
 
 def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
