@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runtime import PromptSource, checkpoints, image_grid, preset_cli, run, setup_distributed
-from sampler import UsageError, load_model, rollout, seed_for
+from sampler import UsageError, load_model, load_transformer, rollout, seed_for
 
 
 @dataclass
@@ -268,7 +268,7 @@ def evaluate(model, rows, prompts, reward_fn, args: Args, rank=0, world=1, toy_w
     for row, (label, folder, k) in enumerate(rows):
         if folder != loaded:  # a checkpoint is loaded once for its rows and dropped before the next one
             trained = None
-            trained = type(base).from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
+            trained = load_transformer(model, folder)
             loaded = folder
         schedule = hybrid_schedule(trained, base, k, N)
         for idx in batches(len(prompts), args.batch_size, rank, world):

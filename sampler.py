@@ -177,24 +177,17 @@ def toy_model(transformer, text_encoder, tokenizer, max_length, *, device="cpu",
                      torch.device(device), dtype)
 
 
+def load_transformer(model: FlowModel, folder):
+    """A trained transformer (a trainer checkpoint's `transformer/`) of the same class as model's, on its device."""
+    if not Path(folder, "config.json").is_file():
+        raise UsageError(f"no trained transformer in {str(folder)!r} (expected config.json and safetensors "
+                         f"weights, as in a checkpoint's transformer/ folder)")
+    return type(model.transformer).from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
+
+
 def load_model(name_or_path, *, device="cpu", dtype=torch.float32, height=None, width=None, guidance_scale=None,
-               quantize_timestep=True, transformer=None) -> FlowModel:
-    """A FLUX or SD3 pipeline (hub id or folder in diffusers format) or the toy bundle ("toy" or its folder).
-
-    `transformer`: a folder holding a trained transformer (a trainer checkpoint's `transformer/`) to use in place of
-    the pipeline's own; everything else (text encoders, VAE) comes from `name_or_path`.
-    """
-    model = _load_model(name_or_path, device=device, dtype=dtype, height=height, width=width,
-                        guidance_scale=guidance_scale, quantize_timestep=quantize_timestep)
-    if transformer is not None:
-        if not Path(transformer, "config.json").is_file():
-            raise UsageError(f"no trained transformer in {str(transformer)!r} (expected config.json and "
-                             f"safetensors weights, as in a checkpoint's transformer/ folder)")
-        model.transformer = type(model.transformer).from_pretrained(transformer, dtype=dtype).to(device)
-    return model
-
-
-def _load_model(name_or_path, *, device, dtype, height, width, guidance_scale, quantize_timestep) -> FlowModel:
+               quantize_timestep=True) -> FlowModel:
+    """A FLUX or SD3 pipeline (hub id or folder in diffusers format) or the toy bundle ("toy" or its folder)."""
     import diffusers
     import transformers
     diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the training bars
