@@ -19,7 +19,8 @@ so the held-out prompts test generalisation to unseen combinations of seen words
 
 The model is FLUX in miniature: a FluxTransformer2DModel over 64 tokens of 4x4 pixels (sampler.toy_images_to_latents),
 conditioned by a 2-layer CLIP text encoder over a word-level tokenizer of the grammar, trained jointly from scratch
-by flow matching with FLUX's sigma convention, so the sampler's FLUX adapter samples it unchanged.
+by flow matching with FLUX's sigma convention, so the sampler's FLUX adapter samples it unchanged. The loss is weighted
+up along object edges (`edge_weights`); even so, 15 CPU minutes teach colour, place and rough count, not shape.
 """
 import json
 import random
@@ -49,6 +50,9 @@ class Args:
     lr: float = 3e-3
     """peak AdamW learning rate (linear warmup, cosine decay to 10%)"""
     ema: float = 0.995
+    """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
+    edge_weight: float = 4.0
+    """extra loss weight on pixels at an object's edge, where its shape is drawn (0: plain flow matching)"""
     """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
     dim: int = 96
     """transformer width (heads of 32 channels)"""
@@ -330,6 +334,16 @@ def build_model(args: Args):
     return transformer, text_encoder, tokenizer
 
 
+def edge_weights(images, boost):
+    """Per-element loss weights (N, 64, 48): 1 + boost where a pixel's 3x3 neighbourhood changes colour. The shape
+    word only decides the ~16% of pixels along an object's edge; unweighted, the model learns colour and place and
+    draws shapeless blobs (held-out reward 0.26 vs 0.31 with boost 4 at 1500 steps)."""
+    import sampler
+    spread = (F.max_pool2d(images, 3, 1, 1) + F.max_pool2d(-images, 3, 1, 1)).amax(1, keepdim=True)  # (N, 1, 32, 32)
+    w = 1 + boost * (spread > 0.05).float()
+    return sampler.toy_images_to_latents((w.expand(-1, 3, -1, -1) + 1) / 2)  # packed like the pixels (x -> 2x - 1)
+
+
 def pretrain(args: Args, progress=True):
     """Flow matching from scratch, text encoder and transformer jointly; returns the sampler's FlowModel."""
     import sampler
@@ -347,14 +361,16 @@ def pretrain(args: Args, progress=True):
     bar = tqdm(range(args.steps), desc="pretrain", disable=not progress)
     for step in bar:
         prompts = sample_prompts("train", args.batch_size, seed=args.seed * 1_000_003 + step)
-        x0 = sampler.toy_images_to_latents(render(prompts, seed=args.seed * 1_000_003 + step))  # (B, 64, 48)
+        images = render(prompts, seed=args.seed * 1_000_003 + step)  # (B, 3, 32, 32)
+        x0 = sampler.toy_images_to_latents(images)  # (B, 64, 48)
         eps = torch.randn(x0.shape, generator=gen)  # (B, 64, 48)
         # s ~ U(0, 1) covers every sigma of the shift-3 schedule. Not the shifted logit-normal: it would rarely
         # train s < 0.4, where the last steps draw the edges the verifier judges. x_s = (1-s) x0 + s eps, v = eps - x0.
         s = torch.rand(args.batch_size, generator=gen)  # (B,)
         xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps  # (B, 64, 48)
         v = model.velocity(transformer, xs, s, model.encode_prompts(prompts))  # (B, 64, 48)
-        loss = F.mse_loss(v, eps - x0)
+        w = edge_weights(images, args.edge_weight)  # (B, 64, 48)
+        loss = ((v - (eps - x0)).square() * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

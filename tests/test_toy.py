@@ -124,6 +124,20 @@ def test_verify_is_fast():
     assert best < 1.0, f"verify took {best:.2f}s for 256 images"
 
 
+def test_edge_weights_mark_pixels_next_to_a_colour_change():
+    import sampler
+    images = toy.render(["a red square", "two blue triangles"], seed=3)  # (2, 3, 32, 32)
+    packed = toy.edge_weights(images, 4.0)  # (2, 64, 48), values 1 or 5
+    assert packed.shape == (2, 64, 48)
+    w = sampler.toy_latents_to_images((packed - 1) / 4 * 2 - 1)  # 0 or 1, back on the pixel grid (2, 3, 32, 32)
+    assert torch.equal(w[:, 0], w[:, 2])  # one weight per pixel, on all three channels
+    w = w[:, 0]
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    for n, y, x in itertools.product(range(2), range(32), range(32)):  # brute force over 3x3 neighbourhoods
+        edge = (padded[n, :, y:y + 3, x:x + 3] != images[n, :, y, x, None, None]).any().item()
+        assert w[n, y, x].item() == float(edge), (n, y, x)
+
+
 def _timed(fn):
     t = time.perf_counter()
     fn()
