@@ -87,6 +87,31 @@ def test_one_chunk_of_all_steps_is_the_sequence_level_ratio(batch):
     assert chunk_bounds([T]) == [(0, T)]
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
+    """The objective's sign: a small step down its gradient raises log pi of a trajectory with A > 0, lowers A < 0."""
+    model, traj, _ = batch
+    T = traj.log_probs.shape[1]
+    learner = Learner(model, None, Args(clip_range=1.0))  # a clip this wide leaves the plain policy gradient
+    rows, steps = torch.tensor([2]), torch.arange(T)[None]  # (1,), (1, T)
+
+    def mean_logp():
+        with torch.no_grad():
+            return learner.log_probs(traj, rows.expand(T), steps[0])[0].mean()
+
+    before, saved = mean_logp(), [p.detach().clone() for p in model.transformer.parameters()]
+    _, grad = grads_of(model, lambda: step_loss(learner, traj, torch.full((6,), sign), rows, steps, 1.0))
+    with torch.no_grad():
+        for p in model.transformer.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad / grad.norm())
+    after = mean_logp()
+    with torch.no_grad():
+        for p, q in zip(model.transformer.parameters(), saved):
+            p.copy_(q)
+    assert (after - before) * sign > 0, (before, after)
+
+
 def test_args_defaults_are_the_gcpo_recipe():
     a = ChunkArgs()
     assert (a.num_steps, a.shift, a.sde_mode, a.eta, a.num_generations, a.prompts_per_rank) == (17, 3.0, "flow", 0.7,
