@@ -47,7 +47,7 @@ class Args:
     """optimizer steps of flow matching"""
     batch_size: int = 32
     """rendered scenes per step"""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """peak AdamW learning rate (linear warmup, cosine decay to 10%)"""
     ema: float = 0.995
     """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
@@ -395,21 +395,9 @@ def evaluate(model, prompts, *, mode, seed=0, num_steps=17, shift=3.0, eta=0.7):
     return traj.images, verdict, table
 
 
-def save_grid(images, prompts, path, cols=4, side=96):
-    """Rows of `cols` samples of one prompt each, the prompt written above its row."""
-    from PIL import Image, ImageDraw
-    cell = side + 16  # 14 pixels of caption, 2 of margin
-    grid = Image.new("RGB", (cols * (side + 2), len(prompts) // cols * cell), "white")
-    for i, img in enumerate((images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)):  # (32, 32, 3)
-        r, c = divmod(i, cols)
-        if c == 0:
-            ImageDraw.Draw(grid).text((2, r * cell + 1), prompts[i], fill="black")
-        grid.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (c * (side + 2), r * cell + 14))
-    grid.save(path)
-
-
 def main(args: Args):
     import sampler
+    from runtime import image_grid
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     if not args.eval_only:
@@ -433,7 +421,7 @@ def main(args: Args):
     # The grid: two held-out prompts per category, four samples each (flow SDE, the policy RL starts from).
     grid_prompts = [p for c in CATEGORIES for p in [q for q in prompts if category(q) == c][:2]]
     images = sampler.rollout(model, grid_prompts, num_generations=4, seed=args.seed).images  # (8*5, 3, 32, 32)
-    save_grid(images, [p for p in grid_prompts for _ in range(4)], out / "samples.png")
+    image_grid(images, [p for p in grid_prompts for _ in range(4)], cols=4, scale=3).save(out / "samples.png")
 
 
 if __name__ == "__main__":
