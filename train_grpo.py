@@ -117,8 +117,8 @@ class Args:
 
 
 PRESETS = {
-    # The toy world: 64 trajectories per iteration, ~5 s each on 2 CPU cores. lr 1e-3 collapsed the toy model into
-    # patch-grid noise within 20 iterations; 1e-4 with a 1e-3 clip keeps the first-step ratios within ~1e-3.
+    # The toy world: 64 trajectories per iteration, ~5 s each on one CPU core. lr 1e-3 collapses the toy model
+    # within 20 iterations and 1e-4 loses reward over 100 (README, Results); 40 iterations at 1e-4 do not.
     "toy": dict(model="toy", prompts="toy", reward=("toy",), height=32, width=32, prompts_per_rank=8,
                 num_generations=8, rollout_batch_size=64, train_batch_size=16, clip_range=1e-3, learning_rate=1e-4,
                 max_grad_norm=1.0, gradient_accumulation_steps=32, num_iterations=40, gradient_checkpointing=False,
