@@ -53,7 +53,6 @@ class Args:
     """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
     edge_weight: float = 4.0
     """extra loss weight on pixels at an object's edge, where its shape is drawn (0: plain flow matching)"""
-    """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
     dim: int = 96
     """transformer width (heads of 32 channels)"""
     num_layers: int = 2
