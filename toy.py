@@ -178,7 +178,7 @@ def related(a, b, rel):  # a, b: (cx, cy) box centres
 
 
 def _template(shape, n):
-    """An n x n (cropped) mask. Fill ratios (area / box) separate the shapes: triangle ~0.55, circle ~0.76, square 1."""
+    """An n x n mask, cropped to its pixels (a small circle loses its empty corner rows)."""
     u = np.arange(n) + 0.5 - n / 2
     y, x = np.meshgrid(u, u, indexing="ij")
     m = {"square": np.ones((n, n), bool), "circle": x**2 + y**2 <= (n / 2 - 0.1) ** 2,
@@ -233,10 +233,38 @@ def render(prompts: list[str], seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the verifier
 COLOUR_TOL = 0.25  # a pixel takes the nearest palette colour within this RGB distance, else it is background
 MIN_AREA = 6  # smaller components are specks, not objects (the smallest rendered object has 25 pixels)
+WINDOW = 20  # side of the window, centred on a component's box, in which its shape is matched
+
+
+def _shape_bank():
+    """Every shape template, sides 7-14 (the rendered 9-12, give or take), moved by up to a pixel either way, in a
+    WINDOW x WINDOW frame: (T, WINDOW**2) masks and the (T,) SHAPES index of each."""
+    masks, shapes = [], []
+    for k, shape in enumerate(SHAPES):
+        for n in range(7, 15):
+            m = torch.from_numpy(_template(shape, n))
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    y0, x0 = WINDOW // 2 - m.shape[0] // 2 + dy, WINDOW // 2 - m.shape[1] // 2 + dx
+                    frame = torch.zeros(WINDOW, WINDOW)
+                    frame[y0:y0 + m.shape[0], x0:x0 + m.shape[1]] = m.float()
+                    masks.append(frame.flatten())
+                    shapes.append(k)
+    return torch.stack(masks), torch.tensor(shapes)
+
+
+SHAPE_BANK, SHAPE_OF = _shape_bank()
+
+
+def _grow(label):
+    """The max of each pixel's label and its 4 neighbours' (N, 1, H, W)."""
+    p = F.pad(label, (1, 1, 1, 1))
+    return torch.stack([label, p[..., :-2, 1:-1], p[..., 2:, 1:-1], p[..., 1:-1, :-2], p[..., 1:-1, 2:]]).amax(0)
 
 
 def detect(images: torch.Tensor) -> list[list[tuple]]:
-    """Objects in each image as (colour, shape, cx, cy): segment by colour, 8-connected components, fill ratio."""
+    """Objects in each image as (colour, shape, cx, cy): segment by colour, 4-connected components, and the shape
+    whose template overlaps the component best."""
     n, _, h, w = images.shape
     palette = torch.tensor(list(COLOURS.values()))  # (K, 3)
     dist = (images.float()[:, None] - palette[None, :, :, None, None]).square().sum(2)  # (N, K, H, W)
@@ -244,11 +272,12 @@ def detect(images: torch.Tensor) -> list[list[tuple]]:
     masks = (F.one_hot(k, len(COLOURS)).permute(0, 3, 1, 2) > 0) & (dmin < COLOUR_TOL**2)[:, None]  # (N, K, H, W)
     planes = masks.flatten(0, 1)  # (N*K, H, W): plane i is colour i % K of image i // K
     used = planes.flatten(1).any(1).nonzero()[:, 0]  # (U,) planes with any pixel of their colour
-    # Connected components, vectorised: every pixel starts with its own label and takes the max of its 3x3
-    # neighbourhood inside its mask until nothing changes; each component ends up labelled by its largest pixel id.
+    # Connected components, vectorised: every pixel starts with its own label and takes the max of its 4-neighbourhood
+    # inside its mask until nothing changes; each component ends up labelled by its largest pixel id. Not 8-connected:
+    # a sample's stray pixel touching an object only at a corner would join it.
     mask = planes[used, None].float()  # (U, 1, H, W)
     label = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, 1, h, w) * mask  # (U, 1, H, W)
-    while not torch.equal(new := F.max_pool2d(label, 3, 1, 1) * mask, label):
+    while not torch.equal(new := _grow(label) * mask, label):
         label = new
     plane, _, ys, xs = mask.nonzero(as_tuple=True)  # (P,) each: every foreground pixel
     key = used[plane] * (h * w + 1) + label[plane, 0, ys, xs].long()  # (P,) one value per component
@@ -256,8 +285,16 @@ def detect(images: torch.Tensor) -> list[list[tuple]]:
     area = torch.bincount(inv, minlength=len(uniq))  # (M,)
     y0, y1, x0, x1 = [torch.full((len(uniq),), fill).scatter_reduce(0, inv, v, red, include_self=True)
                       for v, red, fill in ((ys, "amin", h), (ys, "amax", -1), (xs, "amin", w), (xs, "amax", -1))]
-    fill = area / ((y1 - y0 + 1) * (x1 - x0 + 1))  # (M,)
-    shape = torch.where(fill < 0.66, 2, torch.where(fill < 0.9, 0, 1))  # SHAPES index: triangle, circle, square
+    # Shape: the template of best intersection-over-union, a rendered object matching its own exactly. A rule on the
+    # fill ratio (area / box) read a visibly right square with a few ragged edge pixels as a circle.
+    cy, cx = (y0 + y1 + 1) // 2, (x0 + x1 + 1) // 2  # (M,) box centres, the windows' centres
+    wy, wx = ys - cy[inv] + WINDOW // 2, xs - cx[inv] + WINDOW // 2  # (P,) each pixel in its component's window
+    inside = (wy >= 0) & (wy < WINDOW) & (wx >= 0) & (wx < WINDOW)
+    window = torch.zeros(len(uniq), WINDOW * WINDOW)  # (M, WINDOW**2)
+    window[inv[inside], (wy * WINDOW + wx)[inside]] = 1.0
+    overlap = window @ SHAPE_BANK.T  # (M, T)
+    iou = overlap / (area[:, None] + SHAPE_BANK.sum(1) - overlap)  # (M, T); area counts pixels outside the window
+    shape = SHAPE_OF[iou.argmax(1)]  # (M,) SHAPES index
     objects, names = [[] for _ in range(n)], list(COLOURS)
     for u, a, s, cx, cy in zip((uniq // (h * w + 1)).tolist(), area.tolist(), shape.tolist(),
                                ((x0 + x1 + 1) / 2).tolist(), ((y0 + y1 + 1) / 2).tolist()):

@@ -116,6 +116,21 @@ def test_atoms_on_hand_built_scenes():
     assert toy.verify(noisy.clamp(0, 1)[None], prompts[:1]).strict.item()
 
 
+def test_ragged_shapes_keep_their_shape():
+    """A sample's shape is visibly right with a few wrong pixels at its edge; the verifier must read it so. (The old
+    fill-ratio rule read this square as a circle and this circle as a triangle.)"""
+    red, blue = torch.tensor(COLOURS["red"])[:, None], torch.tensor(COLOURS["blue"])
+    image = draw([("red", "square", 11, 3, 3), ("blue", "circle", 11, 18, 18)])
+    image[:, 3, 5:8] = 0  # a notch in the square's top edge
+    image[:, 8, 8] = 0  # a pinhole
+    image[:, 14, 7] = red[:, 0]  # a one-pixel bump below its bottom edge
+    image[:, 15, 15] = red[:, 0]  # a stray pixel touching only the square's corner
+    image[:, 17, 23:25] = blue[:, None]  # a 2-pixel spur on the circle's top
+    image[:, 24, 18] = 0  # a bite out of its left side
+    objects = sorted(toy.detect(image[None])[0])
+    assert [(c, s) for c, s, _, _ in objects] == [("blue", "circle"), ("red", "square")]
+
+
 def test_verify_is_fast():
     prompts = toy.sample_prompts("train", 256, seed=2)
     images = toy.render(prompts, seed=2)
