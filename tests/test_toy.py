@@ -118,7 +118,7 @@ def test_atoms_on_hand_built_scenes():
 
 def test_ragged_shapes_keep_their_shape():
     """A sample's shape is visibly right with a few wrong pixels at its edge; the verifier must read it so. (The old
-    fill-ratio rule read this square as a circle and this circle as a triangle.)"""
+    fill-ratio rule read this square as a circle.)"""
     red, blue = torch.tensor(COLOURS["red"])[:, None], torch.tensor(COLOURS["blue"])
     image = draw([("red", "square", 11, 3, 3), ("blue", "circle", 11, 18, 18)])
     image[:, 3, 5:8] = 0  # a notch in the square's top edge
