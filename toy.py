@@ -287,8 +287,8 @@ def detect(images: torch.Tensor) -> list[list[tuple]]:
                       for v, red, fill in ((ys, "amin", h), (ys, "amax", -1), (xs, "amin", w), (xs, "amax", -1))]
     # Shape: the template of best intersection-over-union, a rendered object matching its own exactly. A rule on the
     # fill ratio (area / box) read a visibly right square with a few ragged edge pixels as a circle.
-    cy, cx = (y0 + y1 + 1) // 2, (x0 + x1 + 1) // 2  # (M,) box centres, the windows' centres
-    wy, wx = ys - cy[inv] + WINDOW // 2, xs - cx[inv] + WINDOW // 2  # (P,) each pixel in its component's window
+    mid_y, mid_x = (y0 + y1 + 1) // 2, (x0 + x1 + 1) // 2  # (M,) box centres, the windows' centres
+    wy, wx = ys - mid_y[inv] + WINDOW // 2, xs - mid_x[inv] + WINDOW // 2  # (P,) each pixel in its component's window
     inside = (wy >= 0) & (wy < WINDOW) & (wx >= 0) & (wx < WINDOW)
     window = torch.zeros(len(uniq), WINDOW * WINDOW)  # (M, WINDOW**2)
     window[inv[inside], (wy * WINDOW + wx)[inside]] = 1.0
