@@ -6,19 +6,20 @@ Chunk-level GRPO (Chunk-GRPO, published again as GCPO): what it changes in train
     torchrun --nproc_per_node 8 train_chunk.py --chunk-weighted-sampling # 8 GPUs: the paper's recipe
 
 Step-level GRPO treats each denoising step as an action with its own importance ratio. Chunk-GRPO groups the T
-trainable steps into K contiguous chunks (chunking.py: small where the latents move fast, one long chunk over the
-flat tail; the FLUX recipe is [2, 3, 4, 7]) and optimises each chunk as one action:
+trainable steps into K contiguous chunks (chunking.py: small where the latents move fast, one long chunk over
+the flat tail; the FLUX recipe is [2, 3, 4, 7]) and optimises each chunk as one action:
 
     r_j  = exp( mean_{t in chunk j} (logp_theta_t - logp_old_t) )       (GCPO Eq. 15, length-normalised)
     loss = max(-A r_j, -A clip(r_j, 1 - eps, 1 + eps))                  (the same PPO clip, per chunk)
 
-All steps of one chunk of one trajectory go through the transformer as one batch (each row its own sigma). Each
-trajectory trains a `chunk_fraction` of its chunks (2 of 4 in the recipe), drawn uniformly or, with
-`--chunk-weighted-sampling`, with probability proportional to the chunk's mean L1rel on that trajectory; only the
-selection changes, the loss is not reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is
-sequence-level (GSPO-like). Note that uneven chunks reweight steps: a step in a size-2 chunk gets about twice the
-gradient weight it has in step-level GRPO, one in the size-7 chunk about 0.57x.
+All steps of one chunk of one trajectory go through the transformer as one batch (each row its own sigma).
+Each trajectory trains a `chunk_fraction` of its chunks (2 of 4 in the recipe), drawn uniformly or, with
+`--chunk-weighted-sampling`, with probability proportional to the chunk's mean L1rel on that trajectory; only
+the selection changes, the loss is not reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is
+sequence-level (GSPO-like). Note that uneven chunks reweight steps: a step in a size-2 chunk gets about twice
+the gradient weight it has in step-level GRPO, one in the size-7 chunk about 0.57x.
 """
+
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -29,8 +30,8 @@ import torch
 
 import train_grpo
 from chunking import chunk_bounds, chunk_means, l1rel, make_layout, num_selected, select_chunks
-from runtime import preset_cli, run
-from sampler import TOY_DIR, UsageError
+from models import TOY_DIR
+from runtime import UsageError, run
 from train_grpo import Args, ppo_clip_loss
 
 
@@ -38,13 +39,13 @@ from train_grpo import Args, ppo_clip_loss
 class ChunkArgs(Args):
     # --- chunks ---
     chunk_layout: Literal["fixed", "uniform", "curve", "adaptive"] = "fixed"
-    """how the T trainable steps are cut (chunking.py): fixed sizes, uniform size, or derived from an L1rel curve"""
+    """how the T trainable steps are cut (chunking.py): fixed sizes, one size, or fitted to an L1rel curve"""
     chunk_sizes: tuple[int, ...] = (2, 3, 4, 7)
-    """`fixed` layout: chunk sizes from high noise to low, summing to T (GCPO's FLUX recipe: 2 3 4 7 for T = 16)"""
+    """`fixed` layout: chunk sizes from high noise to low, summing to T (GCPO on FLUX: 2 3 4 7, T = 16)"""
     chunk_size: int = 4
     """`uniform` layout: the size of every chunk (the last one shorter if it does not divide T)"""
     chunk_curve: str | None = None
-    """`curve`/`adaptive` layouts: a JSON file with the model's mean L1rel per step (`python chunking.py --save`)"""
+    """`curve`/`adaptive` layouts: the model's L1rel curve, the l1rel.json `python chunking.py` writes"""
     num_chunks: int = 4
     """`curve` layout: K, the number of chunks fitted to the curve"""
     chunk_min_size: int = 2
@@ -52,30 +53,34 @@ class ChunkArgs(Args):
     chunk_fraction: float = 0.5
     """fraction of each trajectory's chunks trained per iteration (GCPO: 0.5, i.e. 2 of 4)"""
     chunk_weighted_sampling: bool = False
-    """draw the trained chunks with probability from each chunk's mean L1rel on the trajectory (GCPO's option)"""
+    """draw the trained chunks with probabilities from each chunk's mean L1rel on the trajectory (GCPO)"""
     chunk_weighting: Literal["normalized", "softmax"] = "normalized"
     """with --chunk-weighted-sampling: p proportional to the mean L1rel (normalized) or to its softmax"""
 
 
-# The toy preset cuts the toy model's own L1rel curve (measured over 64 held-out prompts by `python chunking.py
-# --save assets/toy/l1rel.json`, shipped with the bundle) into 4 chunks with the `curve` rule.
-PRESETS = {name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")}
-           for name, p in train_grpo.PRESETS.items()}
+# The toy preset cuts the toy model's own L1rel curve (measured over 64 held-out prompts by `python
+# chunking.py --output-dir assets/toy`, shipped with the bundle) into 4 chunks with the `curve` rule.
+PRESETS = {
+    name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")}
+    for name, p in train_grpo.PRESETS.items()
+}
 PRESETS["toy"] |= dict(chunk_layout="curve", chunk_curve=str(TOY_DIR / "l1rel.json"))
 
 
 def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
     """Forward + backward the chunk-level loss of trajectories `rows` (n,) at their selected `chunks` (n, k).
 
-    Scaled like train_grpo.step_loss (scale / k per unit), so chunks of size 1 give exactly the step-level gradient.
+    Scaled like train_grpo.step_loss (scale / k per unit), so chunks of size 1 give exactly the step-level
+    gradient.
     """
     bounds, k, ratios = chunk_bounds(sizes), chunks.shape[1], []
-    for row, picked in zip(rows.tolist(), chunks.tolist()):
+    for row, picked in zip(rows.tolist(), chunks.tolist(), strict=True):
         for j in picked:
             a, b = bounds[j]
             steps = torch.arange(a, b, device=rows.device)  # (c,) the chunk's steps, one batch
             logp, kl = learner.log_probs(traj, torch.full_like(steps, row), steps)  # (c,), (c,)
-            ratio = (logp - traj.log_probs[row, a:b]).mean().exp()  # r_j = exp(mean_t(logp - logp_old)), Eq. 15
+            # r_j = exp(mean_{t in chunk j}(logp_theta_t - logp_old_t))  (GCPO Eq. 15)
+            ratio = (logp - traj.log_probs[row, a:b]).mean().exp()
             loss = ppo_clip_loss(ratio, adv[row], learner.args.clip_range) + learner.args.beta * kl.mean()
             (loss * scale / k).backward()
             ratios.append(ratio.detach())
@@ -83,16 +88,19 @@ def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
 
 
 def chunk_objective(learner, traj, adv, rows, scale, generator, *, sizes):
-    """Chunk-level GRPO: pick each trajectory's chunks (uniformly, or weighted by their L1rel), then chunk_loss."""
+    """Chunk-level GRPO: pick each trajectory's chunks (uniformly, or weighted by L1rel), then chunk_loss."""
     a = learner.args
     if a.chunk_weighted_sampling:
         weights = chunk_means(l1rel(traj.latents[rows]), sizes).cpu()  # (n, K) mean L1rel of each chunk
         chunks = select_chunks(weights, a.chunk_fraction, method=a.chunk_weighting, generator=generator)
     else:
-        chunks = select_chunks(None, a.chunk_fraction, method="uniform", generator=generator,
-                               shape=(len(rows), len(sizes)))  # (n, k)
-    counts = torch.bincount(chunks.flatten(), minlength=len(sizes)).tolist()
-    return chunk_loss(learner, traj, adv, rows, chunks, sizes, scale), {f"chunks/{j}": c for j, c in enumerate(counts)}
+        shape = (len(rows), len(sizes))
+        chunks = select_chunks(None, a.chunk_fraction, method="uniform", generator=generator, shape=shape)
+    counts = torch.bincount(
+        chunks.flatten(), minlength=len(sizes)
+    ).tolist()  # (K,) times each chunk is trained
+    histogram = {f"chunks/{j}": c for j, c in enumerate(counts)}
+    return chunk_loss(learner, traj, adv, rows, chunks, sizes, scale), histogram
 
 
 def layout(args: ChunkArgs) -> list[int]:
@@ -100,21 +108,37 @@ def layout(args: ChunkArgs) -> list[int]:
     curve = None
     if args.chunk_layout in ("curve", "adaptive"):
         if args.chunk_curve is None or not Path(args.chunk_curve).is_file():
-            raise UsageError(f"--chunk-layout {args.chunk_layout} needs --chunk-curve FILE, a measured L1rel curve "
-                             f"(got {args.chunk_curve!r}); write one with `python chunking.py --save FILE`")
+            raise UsageError(
+                f"--chunk-layout {args.chunk_layout} needs --chunk-curve FILE, a measured L1rel curve "
+                f"(got {args.chunk_curve!r}); write one with `python chunking.py --save FILE`"
+            )
         curve = json.loads(Path(args.chunk_curve).read_text())["mean"]
-    return make_layout(args.chunk_layout, args.num_steps - 1, sizes=args.chunk_sizes, size=args.chunk_size,
-                       mean_curve=curve, num_chunks=args.num_chunks, min_size=args.chunk_min_size)
+    return make_layout(
+        args.chunk_layout,
+        args.num_steps - 1,
+        sizes=args.chunk_sizes,
+        size=args.chunk_size,
+        mean_curve=curve,
+        num_chunks=args.num_chunks,
+        min_size=args.chunk_min_size,
+    )
 
 
-def main(args: ChunkArgs):
+def describe_chunks(args: ChunkArgs, T: int) -> list[str]:
+    """The chunk objective's lines of the derived totals (validates the layout flags)."""
     sizes = layout(args)
     k = num_selected(len(sizes), args.chunk_fraction)
     selection = f"weighted ({args.chunk_weighting} L1rel)" if args.chunk_weighted_sampling else "uniform"
-    train_grpo.main(args, objective=partial(chunk_objective, sizes=sizes), describe=lambda args, T: [
+    return [
         f"chunk layout ({args.chunk_layout}): {sizes}, K = {len(sizes)}",
-        f"trained chunks per trajectory: {k} of {len(sizes)}, selection {selection}"])
+        f"trained chunks per trajectory: {k} of {len(sizes)}, selection {selection}",
+    ]
+
+
+def main(args: ChunkArgs):
+    objective = partial(chunk_objective, sizes=layout(args))
+    train_grpo.main(args, objective=objective, describe=describe_chunks)
 
 
 if __name__ == "__main__":
-    run(main, partial(preset_cli, ChunkArgs, PRESETS))
+    run(main, ChunkArgs, PRESETS)

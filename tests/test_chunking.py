@@ -1,5 +1,7 @@
-"""chunking.py: L1rel against a loop, layouts (hand-worked adaptive cases, the curve fit against brute force),
-validation errors, weighted selection frequencies against exact without-replacement probabilities, the CLI."""
+"""chunking.py: L1rel against a loop, the prompt-spread statistics, layouts (hand-worked adaptive cases, the
+curve fit against brute force), validation errors, weighted selection frequencies against exact
+without-replacement probabilities, the CLI."""
+
 import itertools
 import json
 import math
@@ -11,9 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from chunking import (Args, adaptive, chunk_bounds, chunk_means, curve, fixed, l1rel, load_prompts,
-                      make_layout, num_selected, select_chunks, uniform, validate)
-from sampler import UsageError
+from chunking import (
+    Args,
+    adaptive,
+    chunk_bounds,
+    chunk_means,
+    curve,
+    curve_stats,
+    fixed,
+    l1rel,
+    main,
+    make_layout,
+    num_selected,
+    select_chunks,
+    uniform,
+    validate,
+)
+from runtime import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +42,7 @@ def test_l1rel_matches_a_loop():
     for n in range(3):
         for t in range(5):
             before, after = latents[n, t].flatten().tolist(), latents[n, t + 1].flatten().tolist()
-            num = sum(abs(a - b) for a, b in zip(after, before))
+            num = sum(abs(a - b) for a, b in zip(after, before, strict=True))
             den = sum(abs(b) for b in before)  # the state the transition starts from (the noisier one)
             assert got[n, t].item() == pytest.approx(num / den, rel=1e-5)
 
@@ -34,6 +50,23 @@ def test_l1rel_matches_a_loop():
 def test_l1rel_uses_the_state_before_the_step():
     latents = torch.stack([torch.full((2, 2), 4.0), torch.full((2, 2), 1.0)])[None]  # (1, 2, 2, 2): 4 -> 1
     assert l1rel(latents).item() == pytest.approx(3 / 4)  # |1 - 4| / |4|, not / |1|
+
+
+def test_curve_stats_separate_the_prompt_from_the_noise():
+    gen = torch.Generator().manual_seed(6)
+    noise = torch.randn(400, 8, 3, generator=gen)  # (B, G, T)
+    # Only the noise varies: the B per-prompt means spread by within / sqrt(G), which is all noise.
+    stats = curve_stats(noise.reshape(400 * 8, 3), num_generations=8)
+    torch.testing.assert_close(stats["within_prompt_std"], torch.ones(3), atol=0.05, rtol=0)
+    assert (stats["between_prompt_std"] < 0.15).all()
+    # A per-prompt offset of std 2 on top: between recovers it, within is unchanged.
+    offsets = 2 * torch.randn(400, 1, 3, generator=gen)  # (B, 1, T)
+    stats = curve_stats((noise + offsets).reshape(400 * 8, 3), num_generations=8)
+    torch.testing.assert_close(stats["between_prompt_std"], offsets[:, 0].std(0), atol=0.1, rtol=0)
+    torch.testing.assert_close(stats["within_prompt_std"], noise.var(1).mean(0).sqrt())
+    torch.testing.assert_close(stats["mean"], (noise + offsets).mean((0, 1)))
+    # G = 1 has no within-prompt spread to measure.
+    assert curve_stats(noise[:, 0], num_generations=1)["within_prompt_std"].isnan().all()
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -45,9 +78,17 @@ def test_fixed_and_uniform():
     assert uniform(20, 16) == [16]  # sequence level
 
 
-@pytest.mark.parametrize("name, kwargs", [("fixed", dict(sizes=[2, 3, 4, 7])), ("uniform", dict(size=3)),
-                                          ("curve", dict(min_size=2)), ("curve", dict(min_size=3, num_chunks=5)),
-                                          ("adaptive", dict(min_size=2)), ("adaptive", dict(min_size=3))])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("fixed", dict(sizes=[2, 3, 4, 7])),
+        ("uniform", dict(size=3)),
+        ("curve", dict(min_size=2)),
+        ("curve", dict(min_size=3, num_chunks=5)),
+        ("adaptive", dict(min_size=2)),
+        ("adaptive", dict(min_size=3)),
+    ],
+)
 def test_layouts_sum_to_T_and_respect_min_size(name, kwargs):
     gen = torch.Generator().manual_seed(1)
     for trial in range(20):
@@ -68,7 +109,10 @@ def test_curve_is_the_least_squares_fit():
 
     def sse(sizes):
         return sum(((c[a:b] - c[a:b].mean()) ** 2).sum().item() for a, b in chunk_bounds(sizes))
-    layouts = [[i, j - i, 9 - j] for i, j in itertools.combinations(range(1, 9), 2) if min(i, j - i, 9 - j) >= 2]
+
+    layouts = [
+        [i, j - i, 9 - j] for i, j in itertools.combinations(range(1, 9), 2) if min(i, j - i, 9 - j) >= 2
+    ]
     best = min(layouts, key=sse)
     assert sse(curve(c, num_chunks=3, min_size=2)) == pytest.approx(sse(best), abs=1e-12)
     # Ties (a flat curve: every layout costs 0) go to the earliest boundaries: minimal chunks first.
@@ -79,22 +123,23 @@ def test_curve_is_the_least_squares_fit():
 
 
 def test_adaptive_hand_worked():
-    # (a) Peak at step 2. Order 1: d = [4, 3, -2, -2, -1, -1, -.5, -.25, -.125]; the sign changes at d[2], cut
-    # before step 2 + ceil(1/2) = 3 -> [0, 3) (3 < 2*2: final) and [3, 10). Order 2 on c[3:10]: d2 = [1, 0, .5,
-    # .25, .125], no change -> midpoint 3 + 7//2 = 6 -> [3, 6) final, [6, 10). Order 3 on c[6:10]: d3 = [-.125], no
-    # change -> midpoint 8. Layout [3, 3, 2, 2].
+    # (a) Peak at step 2. Order 1: d = [4, 3, -2, -2, -1, -1, -.5, -.25, -.125]; the sign changes at d[2],
+    # cut before step 2 + ceil(1/2) = 3 -> [0, 3) (3 < 2*2: final) and [3, 10). Order 2 on c[3:10]:
+    # d2 = [1, 0, .5, .25, .125], no change -> midpoint 3 + 7//2 = 6 -> [3, 6) final, [6, 10). Order 3 on
+    # c[6:10]: d3 = [-.125], no change -> midpoint 8. Layout [3, 3, 2, 2].
     assert adaptive([2, 6, 9, 7, 5, 4, 3, 2.5, 2.25, 2.125], min_size=2) == [3, 3, 2, 2]
-    # (b) min_size 3 drops a cut. Order 1: d = [1, -2, -1, -1, -1, -1, 1, 1, 1, 1, 1], changes at d[1] (cut at 2:
-    # leaves 2 < 3 steps, dropped) and d[6] (cut at 7). [7, 12) has 5 < 6 steps: final. Order 2 on c[0:7]:
-    # d2 = [-3, 1, 0, 0, 0], change at d2[1] -> cut at 2, dropped again -> midpoint 3. Layout [3, 4, 5].
+    # (b) min_size 3 drops a cut. Order 1: d = [1, -2, -1, -1, -1, -1, 1, 1, 1, 1, 1], changes at d[1] (cut
+    # at 2: leaves 2 < 3 steps, dropped) and d[6] (cut at 7). [7, 12) has 5 < 6 steps: final. Order 2 on
+    # c[0:7]: d2 = [-3, 1, 0, 0, 0], change at d2[1] -> cut at 2, dropped again -> midpoint 3.
+    # Layout [3, 4, 5].
     assert adaptive([5, 6, 4, 3, 2, 1, 0, 1, 2, 3, 4, 5], min_size=3) == [3, 4, 5]
-    # (c) A monotone curve: order 1 never changes sign -> midpoint 7. Order 2 on c[0:7]: d1 = [-1, -2, -3, -4, -3,
-    # -2], d2 = [-1, -1, -1, 1, 1] changes at d2[3] -> cut before 3 + ceil(2/2) = 4, at the inflection.
-    # Order 2 on c[7:14]: d2 = [0, -.5, -.5, 0, .5] changes at d2[4] -> cut 12 leaves 2 < 3, dropped -> midpoint 10.
-    # Layout [4, 3, 3, 4].
+    # (c) A monotone curve: order 1 never changes sign -> midpoint 7. Order 2 on c[0:7]:
+    # d1 = [-1, -2, -3, -4, -3, -2], d2 = [-1, -1, -1, 1, 1] changes at d2[3] -> cut before 3 + ceil(2/2) = 4,
+    # at the inflection. Order 2 on c[7:14]: d2 = [0, -.5, -.5, 0, .5] changes at d2[4] -> cut 12 leaves
+    # 2 < 3, dropped -> midpoint 10. Layout [4, 3, 3, 4].
     assert adaptive([30, 29, 27, 24, 20, 17, 15, 14, 13.5, 13, 12, 10.5, 9, 8], min_size=3) == [4, 3, 3, 4]
-    # (d) A plateau (zero difference) is skipped: d = [1, 0, -1, ...] changes at d[2] -> cut 3; order 2 on c[3:8]
-    # is all zeros -> midpoint 5. Layout [3, 2, 3].
+    # (d) A plateau (zero difference) is skipped: d = [1, 0, -1, ...] changes at d[2] -> cut 3; order 2 on
+    # c[3:8] is all zeros -> midpoint 5. Layout [3, 2, 3].
     assert adaptive([1, 2, 2, 1, 0, -1, -2, -3], min_size=2) == [3, 2, 3]
     assert adaptive([1, 2, 3], min_size=2) == [3]  # too short to cut into two chunks of 2
 
@@ -106,21 +151,24 @@ def test_chunk_helpers():
 
 
 # ----------------------------------------------------------------------------- validation
-@pytest.mark.parametrize("call, match", [
-    (lambda: validate([2, 3, 4], 16), "sum to 9 but there are 16"),
-    (lambda: validate([2, 0, 14], 16), "positive"),
-    (lambda: validate([4, -1, 13], 16), "positive"),
-    (lambda: fixed([2, 3, 4, 7], 17), "sum to 16 but there are 17"),
-    (lambda: uniform(0, 16), "positive"),
-    (lambda: make_layout("bogus", 16), "unknown chunk layout 'bogus'"),
-    (lambda: make_layout("fixed", 16), "needs its chunk sizes"),
-    (lambda: make_layout("curve", 16, mean_curve=[1.0] * 15), "L1rel curve of 16 steps .got one of 15"),
-    (lambda: make_layout("adaptive", 16), "L1rel curve of 16 steps .got none"),
-    (lambda: curve([1.0] * 7, num_chunks=4, min_size=2), "cannot cut 7 steps"),
-    (lambda: select_chunks(torch.ones(2, 4), 0.5, method="bogus"), "unknown chunk selection"),
-    (lambda: select_chunks(torch.ones(2, 4), 0.0), r"\(0, 1\]"),
-    (lambda: select_chunks(-torch.ones(2, 4), 0.5), "non-negative"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: validate([2, 3, 4], 16), "sum to 9 but there are 16"),
+        (lambda: validate([2, 0, 14], 16), "positive"),
+        (lambda: validate([4, -1, 13], 16), "positive"),
+        (lambda: fixed([2, 3, 4, 7], 17), "sum to 16 but there are 17"),
+        (lambda: uniform(0, 16), "positive"),
+        (lambda: make_layout("bogus", 16), "unknown chunk layout 'bogus'"),
+        (lambda: make_layout("fixed", 16), "needs its chunk sizes"),
+        (lambda: make_layout("curve", 16, mean_curve=[1.0] * 15), "L1rel curve of 16 steps .got one of 15"),
+        (lambda: make_layout("adaptive", 16), "L1rel curve of 16 steps .got none"),
+        (lambda: curve([1.0] * 7, num_chunks=4, min_size=2), "cannot cut 7 steps"),
+        (lambda: select_chunks(torch.ones(2, 4), 0.5, method="bogus"), "unknown chunk selection"),
+        (lambda: select_chunks(torch.ones(2, 4), 0.0), r"\(0, 1\]"),
+        (lambda: select_chunks(-torch.ones(2, 4), 0.5), "non-negative"),
+    ],
+)
 def test_validation_errors(call, match):
     with pytest.raises(UsageError, match=match):
         call()
@@ -128,8 +176,8 @@ def test_validation_errors(call, match):
 
 # ----------------------------------------------------------------------------- weighted selection
 def inclusion_probabilities(p, k):
-    """Exact P(chunk j is among the k drawn), sequential draws without replacement, by enumerating every ordered
-    draw: P(j1, ..., jk) = prod_i p_{j_i} / (1 - p_{j_1} - ... - p_{j_{i-1}})."""
+    """Exact P(chunk j is among the k drawn), sequential draws without replacement, by enumerating every
+    ordered draw: P(j1, ..., jk) = prod_i p_{j_i} / (1 - p_{j_1} - ... - p_{j_{i-1}})."""
     incl = [0.0] * len(p)
     for order in itertools.permutations(range(len(p)), k):
         prob, left = 1.0, 1.0
@@ -140,8 +188,9 @@ def inclusion_probabilities(p, k):
     return incl
 
 
-@pytest.mark.parametrize("method, fraction", [("normalized", 0.5), ("normalized", 0.6), ("softmax", 0.5),
-                                              ("uniform", 0.4)])
+@pytest.mark.parametrize(
+    "method, fraction", [("normalized", 0.5), ("normalized", 0.6), ("softmax", 0.5), ("uniform", 0.4)]
+)
 def test_selection_frequencies_match_exact_probabilities(method, fraction):
     rows = [[0.30, 0.15, 0.08, 0.05, 0.02], [1.0, 2.0, 0.5, 0.5, 3.0]]  # two trajectories' chunk mean L1rel
     draws = 20000
@@ -158,7 +207,7 @@ def test_selection_frequencies_match_exact_probabilities(method, fraction):
         else:
             p = [1 / len(w)] * len(w)
         expected = inclusion_probabilities(p, k)
-        freq = torch.bincount(picked[r * draws:(r + 1) * draws].flatten(), minlength=5).double() / draws
+        freq = torch.bincount(picked[r * draws : (r + 1) * draws].flatten(), minlength=5).double() / draws
         for j in range(5):
             assert abs(freq[j].item() - expected[j]) < 0.02, (method, r, j, freq.tolist(), expected)
 
@@ -174,51 +223,68 @@ def test_selection_is_deterministic_and_uniform_accepts_no_weights():
 
 # ----------------------------------------------------------------------------- the CLI
 def run_cli(*flags):
-    return subprocess.run([sys.executable, "chunking.py", *map(str, flags)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    command = [sys.executable, "chunking.py", *map(str, flags)]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
 
 
-def check_report(out, png, T, fixed_sizes):
+def check_report(out, output_dir, T, fixed_sizes):
+    """The printed table and layouts, and the files the run wrote, agree with each other and with T."""
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    table = [r for r in rows if r[0].isdigit()]
+    lines = [" ".join(line.split()) for line in out.stdout.splitlines() if line.strip()]
+    table = [line.split() for line in lines if line.split()[0].isdigit()]
     assert [int(r[0]) for r in table] == list(range(T))  # one row per trainable step
     assert all(float(r[2]) > 0 for r in table)  # a sampler moves the latent at every step
-    assert " ".join(next(r for r in rows if r[0] == "fixed")).startswith(f"fixed {fixed_sizes}")
-    for name in ("uniform", "curve", "adaptive"):
-        sizes = eval(" ".join(next(r for r in rows if r[0] == name)).split("]")[0][len(name):] + "]")
+    record = json.loads((output_dir / "l1rel.json").read_text())  # what train_chunk.py --chunk-curve reads
+    assert [float(r[2]) for r in table] == pytest.approx(
+        record["mean"], abs=1e-4
+    )  # the table prints the record
+    assert record["layouts"]["fixed"] == fixed_sizes
+    for name, sizes in record["layouts"].items():
         assert sum(sizes) == T
+        assert any(line.startswith(f"{name} {sizes} P(first draw)") for line in lines)
     try:
         import matplotlib  # noqa: F401  (optional: without it the CLI says so and skips the plot)
-        assert png.stat().st_size > 0
     except ImportError:
         assert "pip install matplotlib" in out.stdout
+    else:
+        assert (output_dir / "chunks.png").stat().st_size > 0
+    return record
 
 
 def test_cli_on_a_tiny_flux_pipeline(tiny_flux_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\ntwo blue squares\n")
-    out = run_cli("--model", tiny_flux_dir, "--prompts-file", prompts, "--height", 32, "--width", 32,
-                  "--num-generations", 2, "--num-steps", 7, "--sizes", 1, 2, 3, "--size", 2, "--num-chunks", 3,
-                  "--min-size", 1, "--out", tmp_path / "c.png", "--save", tmp_path / "c.json")
-    check_report(out, tmp_path / "c.png", 6, [1, 2, 3])
-    record = json.loads((tmp_path / "c.json").read_text())  # what train_chunk.py --chunk-curve reads
-    assert len(record["mean"]) == 6 and record["layouts"]["fixed"] == [1, 2, 3]
-    assert make_layout("curve", 6, mean_curve=record["mean"], num_chunks=3, min_size=1) == record["layouts"]["curve"]
+    output_dir = tmp_path / "new" / "chunking"  # created by the run
+    flags = ["--model", tiny_flux_dir, "--prompts", prompts, "--height", 32, "--width", 32, "--num-steps", 7]
+    flags += ["--num-generations", 2, "--sizes", 1, 2, 3, "--size", 2, "--num-chunks", 3, "--min-size", 1]
+    out = run_cli(*flags, "--sde-mode", "dance", "--rollout-batch-size", 3, "--output-dir", output_dir)
+    record = check_report(out, output_dir, 6, [1, 2, 3])
+    assert (
+        record["num_prompts"] == 2 and record["sde_mode"] == "dance"
+    )  # the file's two prompts, blank skipped
+    curve_layout = make_layout("curve", 6, mean_curve=record["mean"], num_chunks=3, min_size=1)
+    assert curve_layout == record["layouts"]["curve"]
 
 
 def test_cli_on_the_toy_bundle(tmp_path):
     if not (ROOT / "assets" / "toy" / "toy_config.json").exists():
-        pytest.skip("the toy bundle is not built yet (python toy.py)")
-    out = run_cli("--num-prompts", 2, "--num-generations", 2, "--num-steps", 9, "--sizes", 1, 2, 5,
-                  "--out", tmp_path / "c.png")
-    check_report(out, tmp_path / "c.png", 8, [1, 2, 5])
+        pytest.skip("the toy bundle is not built yet (python toy_model.py)")
+    flags = ["--num-prompts", 2, "--num-generations", 2, "--num-steps", 9, "--sizes", 1, 2, 5]
+    record = check_report(run_cli(*flags, "--output-dir", tmp_path), tmp_path, 8, [1, 2, 5])
+    assert record["prompts"] == "toy" and record["num_prompts"] == 2
 
 
-def test_cli_user_errors_are_one_line():
-    out = run_cli("--num-steps", 7)  # the recipe's [2, 3, 4, 7] needs 16 trainable steps: fails before sampling
-    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: chunk sizes [2, 3, 4, 7]")
-    with pytest.raises(UsageError, match="give prompts for 'some/flux' with --prompts-file"):
-        load_prompts(Args(model="some/flux"))
-    with pytest.raises(UsageError, match="is not a file"):
-        load_prompts(Args(model="some/flux", prompts_file="no/such/prompts.txt"))
+def test_cli_user_errors_are_one_line(tmp_path):
+    out = run_cli(
+        "--num-steps", 7
+    )  # the recipe's [2, 3, 4, 7] needs 16 trainable steps: fails before sampling
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: chunk sizes [2, 3, 4, 7]")
+    with pytest.raises(UsageError, match="toy prompts fit only the toy model; pass --prompts FILE"):
+        main(Args(model="some/flux"))
+    with pytest.raises(UsageError, match="toy prompts fit only the toy model"):
+        main(Args(model="some/flux", prompts="toy:train"))
+    with pytest.raises(UsageError, match="prompts file 'no/such/prompts.txt' not found"):
+        main(Args(model="some/flux", prompts="no/such/prompts.txt"))
+    assert not list(tmp_path.iterdir())  # nothing was written

@@ -1,4 +1,6 @@
-"""eval.py: seeded noise, hybrid inference at its limits, torchrun == one process, the toy breakdown, user errors."""
+"""eval.py: seeded noise, hybrid inference at its limits, torchrun == one process, the toy breakdown, user
+errors."""
+
 import json
 import os
 import subprocess
@@ -8,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import (geneval_breakdown, hybrid_schedule, main, parse_args, resolve_checkpoint, sample, score_images,
-                  summarize)
+from eval import PRESETS, Args, hybrid_schedule, main, parse_args, resolve_checkpoint, sample, score_images
+from models import load_model
+from report import geneval_breakdown, summarize
 from runtime import run
-from sampler import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle on the left", "two blue squares", "a photo of a cat"]
@@ -23,6 +25,7 @@ def runs(tiny_flux_dir, tmp_path_factory):
     """Two "trained" checkpoints laid out as the trainers write them: `same` holds the base weights unchanged,
     `moved` perturbed ones. Plus a prompt file of three prompts (uneven over two ranks)."""
     from diffusers import FluxTransformer2DModel
+
     root = tmp_path_factory.mktemp("eval-runs")
     transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_dir / "transformer")
     transformer.save_pretrained(root / "same" / "checkpoints" / "iter_00001" / "transformer")
@@ -36,15 +39,33 @@ def runs(tiny_flux_dir, tmp_path_factory):
 
 
 def flags(tiny_flux_dir, runs, out, *extra):
-    return ["--model", str(tiny_flux_dir), "--prompts", str(runs / "prompts.txt"), "--reward", "jpeg_compressibility",
-            "--num-steps", str(STEPS), "--height", "32", "--width", "32", "--batch-size", "2", "--device", "cpu",
-            "--output-dir", str(out), *extra]
+    return [
+        "--model",
+        str(tiny_flux_dir),
+        "--prompts",
+        str(runs / "prompts.txt"),
+        "--reward",
+        "jpeg_compressibility",
+        "--num-steps",
+        str(STEPS),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--prompts-per-batch",
+        "2",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def elsewhere(argv, out, *extra):
     """The same evaluation written to another --output-dir."""
     i = argv.index("--output-dir") + 1
-    return [*argv[:i], str(out), *argv[i + 1:], *extra]
+    return [*argv[:i], str(out), *argv[i + 1 :], *extra]
 
 
 def scores_by_row(results):
@@ -59,15 +80,28 @@ def scores_by_row(results):
 def hybrid_run(tiny_flux_dir, runs, tmp_path_factory):
     """One evaluation of base vs the moved checkpoint with hybrid k = 0, all steps, and half of them."""
     out = tmp_path_factory.mktemp("eval-hybrid")
-    argv = flags(tiny_flux_dir, runs, out, "--checkpoints", f"moved={runs / 'moved'}", "--hybrid-steps", "0",
-                 str(STEPS), "1")
+    argv = flags(
+        tiny_flux_dir,
+        runs,
+        out,
+        "--checkpoints",
+        f"moved={runs / 'moved'}",
+        "--hybrid-steps",
+        "0",
+        str(STEPS),
+        "1",
+    )
     main(parse_args(argv))
     return argv, json.loads((out / "results.json").read_text())
 
 
 # ----------------------------------------------------------------------------- 1. seeded, reproducible
-def test_same_model_twice_and_against_itself_in_hybrid_mode_is_identical(hybrid_run, tiny_flux_dir, runs, tmp_path):
-    argv = flags(tiny_flux_dir, runs, tmp_path, "--checkpoints", f"self={runs / 'same'}", "--hybrid-steps", "1")
+def test_same_model_twice_and_against_itself_in_hybrid_mode_is_identical(
+    hybrid_run, tiny_flux_dir, runs, tmp_path
+):
+    argv = flags(
+        tiny_flux_dir, runs, tmp_path, "--checkpoints", f"self={runs / 'same'}", "--hybrid-steps", "1"
+    )
     main(parse_args(argv))
     results = json.loads((tmp_path / "results.json").read_text())
     base, plain, hybrid = scores_by_row(results).values()  # rows: base, self, self [hybrid 1/3]
@@ -80,11 +114,13 @@ def test_same_model_twice_and_against_itself_in_hybrid_mode_is_identical(hybrid_
 def test_a_prompts_noise_does_not_depend_on_its_batch(tiny_flux_dir):
     """Image j of prompt p is the same sampled in a batch of others or alone, and changes with the seed."""
     model = load_model(tiny_flux_dir, height=32, width=32)
-    kw = dict(seed=3, num_generations=2, mode="flow")
+    kw = dict(seed=3, num_generations=2, sde_mode="flow")
     batch = sample(model, [model.transformer] * STEPS, PROMPTS[1:], [5, 6], **kw)  # (4, 3, 32, 32)
     alone = sample(model, [model.transformer] * STEPS, PROMPTS[2:], [6], **kw)  # (2, 3, 32, 32)
     torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
-    moved = sample(model, [model.transformer] * STEPS, PROMPTS[2:], [7], **kw)  # the same prompt at another index
+    moved = sample(
+        model, [model.transformer] * STEPS, PROMPTS[2:], [7], **kw
+    )  # the same prompt at another index
     assert (moved - alone).abs().max() > 1e-2
 
 
@@ -104,9 +140,24 @@ def test_hybrid_with_zero_steps_is_the_base_and_with_all_steps_the_trained_model
 def test_two_process_torchrun_equals_one_process(hybrid_run, tmp_path):
     argv, single = hybrid_run
     out = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py", *elsewhere(argv, out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "eval.py",
+        *elsewhere(argv, out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout
     both = json.loads((out / "results.json").read_text())
@@ -118,6 +169,7 @@ def test_two_process_torchrun_equals_one_process(hybrid_run, tmp_path):
 def test_ground_truth_toy_images_score_one_in_every_category():
     import toy
     from rewards import build_reward
+
     prompts = toy.sample_prompts("heldout", 40, seed=0)
     assert {toy.category(p) for p in prompts} == set(toy.CATEGORIES)
     images = toy.render(prompts, seed=0)  # (N, 3, 32, 32), exactly what the prompts say
@@ -125,15 +177,31 @@ def test_ground_truth_toy_images_score_one_in_every_category():
     assert scores["toy"].min() == 1 and scores["strict"].min() == 1
     breakdown = geneval_breakdown(scores["strict"], [toy.category(p) for p in prompts])
     assert breakdown == {**{c: 1.0 for c in toy.CATEGORIES}, "overall": 1.0}
-    wrong = score_images(images.roll(1, 0), prompts, build_reward(["toy"]), toy_world=True)  # every image misplaced
+    wrong = score_images(
+        images.roll(1, 0), prompts, build_reward(["toy"]), toy_world=True
+    )  # every image misplaced
     assert geneval_breakdown(wrong["strict"], [toy.category(p) for p in prompts])["overall"] < 0.5
 
 
 def test_toy_preset_end_to_end(tmp_path):
     if not (Path(ROOT) / "assets" / "toy" / "toy_config.json").exists():
-        pytest.skip("the toy bundle is not built yet (python toy.py)")
-    main(parse_args(["--preset", "toy", "--num-prompts", "10", "--num-steps", "4", "--grid-prompts", "2",
-                     "--output-dir", str(tmp_path)]))
+        pytest.skip("the toy bundle is not built yet (python toy_model.py)")
+    main(
+        parse_args(
+            [
+                "--preset",
+                "toy",
+                "--num-prompts",
+                "10",
+                "--num-steps",
+                "4",
+                "--grid-prompts",
+                "2",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     (row,) = results["rows"]
     assert set(row["geneval"]) == {r["category"] for r in results["images"]} | {"overall"}
@@ -142,9 +210,16 @@ def test_toy_preset_end_to_end(tmp_path):
 
 
 def test_summary_errors_are_over_prompts_and_the_difference_is_paired():
-    scores = {0: lambda p, j: float(p + j), 1: lambda p, j: float(p + j) + 0.1 * (p == 2)}  # row 1: base + 0.1 on p 2
-    records = [{"row": m, "prompt_index": p, "generation": j, "scores": {"r": f(p, j)}} for m, f in scores.items()
-               for p in range(3) for j in range(2)]
+    scores = {
+        0: lambda p, j: float(p + j),
+        1: lambda p, j: float(p + j) + 0.1 * (p == 2),
+    }  # row 1: base + 0.1 on p 2
+    records = [
+        {"row": m, "prompt_index": p, "generation": j, "scores": {"r": f(p, j)}}
+        for m, f in scores.items()
+        for p in range(3)
+        for j in range(2)
+    ]
     base, trained = summarize(records, ["base", "trained"], ["r"], P=3, G=2)
     assert base["mean"]["r"] == pytest.approx(1.5)  # per-prompt means 0.5, 1.5, 2.5
     assert base["se"]["r"] == pytest.approx(1.0 / 3**0.5)  # their std (1) over sqrt(3 prompts)
@@ -156,7 +231,7 @@ def test_summary_errors_are_over_prompts_and_the_difference_is_paired():
 # ----------------------------------------------------------------------------- 5. user errors
 def one_line_error(capsys, argv):
     with pytest.raises(SystemExit) as e:
-        run(main, lambda: parse_args(argv))
+        run(main, Args, PRESETS, argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     return err

@@ -1,9 +1,11 @@
-"""The maths of train_grpo.py and train_chunk.py: advantages, and the chunk objective against the step objective."""
+"""The maths of train_grpo.py and train_chunk.py: advantages, and the chunk objective against the step one."""
+
 import pytest
 import torch
 
 from chunking import chunk_bounds
-from sampler import load_model, rollout
+from models import load_model
+from sampler import rollout
 from train_chunk import ChunkArgs, chunk_loss
 from train_grpo import Args, Learner, compute_advantages, step_loss
 
@@ -69,7 +71,9 @@ def test_chunks_of_size_one_equal_the_step_objective(batch, beta, tiny_flux_dir)
     rows = torch.tensor([0, 2, 3, 5])
     steps = torch.stack([torch.randperm(T, generator=torch.Generator().manual_seed(i))[:3] for i in range(4)])
     step_ratio, step_grad = grads_of(model, lambda: step_loss(learner, traj, adv, rows, steps, 0.25))
-    chunk_ratio, chunk_grad = grads_of(model, lambda: chunk_loss(learner, traj, adv, rows, steps, [1] * T, 0.25))
+    chunk_ratio, chunk_grad = grads_of(
+        model, lambda: chunk_loss(learner, traj, adv, rows, steps, [1] * T, 0.25)
+    )
     assert (step_ratio - 1).abs().max() > 1e-4  # the comparison is not between two trivial ratios of 1
     assert (step_ratio - chunk_ratio).abs().max() < 1e-6
     assert (step_grad - chunk_grad).abs().max() < 1e-6 and step_grad.abs().max() > 0
@@ -82,14 +86,16 @@ def test_one_chunk_of_all_steps_is_the_sequence_level_ratio(batch):
     rows = torch.tensor([1, 4])
     ratio = chunk_loss(learner, traj, adv, rows, torch.zeros(2, 1, dtype=torch.long), [T], 1.0)
     with torch.no_grad():  # brute force: every step scored on its own, then exp of the mean log-ratio
-        logp = torch.stack([learner.log_probs(traj, torch.tensor([r] * T), torch.arange(T))[0] for r in (1, 4)])
+        logp = torch.stack(
+            [learner.log_probs(traj, torch.tensor([r] * T), torch.arange(T))[0] for r in (1, 4)]
+        )
     torch.testing.assert_close(ratio, (logp - traj.log_probs[rows]).mean(1).exp(), atol=1e-6, rtol=0)
     assert chunk_bounds([T]) == [(0, T)]
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
-    """The objective's sign: a small step down its gradient raises log pi of a trajectory with A > 0, lowers A < 0."""
+    """The objective's sign: a step down its gradient raises log pi where A > 0, lowers it where A < 0."""
     model, traj, _ = batch
     T = traj.log_probs.shape[1]
     learner = Learner(model, None, Args(clip_range=1.0))  # a clip this wide leaves the plain policy gradient
@@ -107,15 +113,21 @@ def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
                 p.sub_(1e-2 * p.grad / grad.norm())
     after = mean_logp()
     with torch.no_grad():
-        for p, q in zip(model.transformer.parameters(), saved):
+        for p, q in zip(model.transformer.parameters(), saved, strict=True):
             p.copy_(q)
     assert (after - before) * sign > 0, (before, after)
 
 
 def test_args_defaults_are_the_gcpo_recipe():
     a = ChunkArgs()
-    assert (a.num_steps, a.shift, a.sde_mode, a.eta, a.num_generations, a.prompts_per_rank) == (17, 3.0, "flow", 0.7,
-                                                                                                  12, 2)
+    assert (a.num_steps, a.shift, a.sde_mode, a.eta, a.num_generations, a.prompts_per_rank) == (
+        17,
+        3.0,
+        "flow",
+        0.7,
+        12,
+        2,
+    )
     assert (a.clip_range, a.learning_rate, a.max_grad_norm, a.timestep_fraction) == (5e-5, 1e-5, 0.01, 0.5)
     assert a.chunk_sizes == (2, 3, 4, 7) and a.chunk_fraction == 0.5 and not a.chunk_weighted_sampling
     assert isinstance(a, Args)

@@ -1,20 +1,44 @@
-"""sampler.py: the step's density against torch.distributions, ratio == 1 on re-scoring, parity with diffusers."""
+"""sampler.py: the step's density against torch.distributions, ratio == 1 on re-scoring, parity with the
+stock diffusers pipelines."""
+
 import pytest
 import torch
 from torch.distributions import Normal
 
-from sampler import UsageError, load_model, rollout, sde_step, sigma_schedule
+from models import load_model, pack, unpack
+from runtime import UsageError
+from sampler import rollout, sde_step, sigma_schedule
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
 
 
 def test_sigma_schedule_matches_published_values():
-    expected = [1.000, .980, .957, .933, .907, .878, .846, .811, .771, .727, .677, .621, .556, .480, .391, .286, .158, 0]
+    expected = [
+        1.000,
+        0.980,
+        0.957,
+        0.933,
+        0.907,
+        0.878,
+        0.846,
+        0.811,
+        0.771,
+        0.727,
+        0.677,
+        0.621,
+        0.556,
+        0.480,
+        0.391,
+        0.286,
+        0.158,
+        0,
+    ]
     torch.testing.assert_close(sigma_schedule(17, 3.0), torch.tensor(expected), atol=6e-4, rtol=0)
 
 
 def reference_mean_std(mode, x, v, s, s_next, eta, sigma_max):
-    """PAPERS.md section 2, written independently of sampler.py: the expanded Flow-GRPO form, DanceGRPO's form."""
+    """Written independently of sampler.py: the expanded Flow-GRPO form (arXiv 2505.05470), DanceGRPO's form
+    (arXiv 2505.07818), as their released step functions compute them."""
     dt = s_next - s
     if mode == "flow":
         g = eta * torch.sqrt(s / (1 - torch.where(s == 1, sigma_max, s)))
@@ -35,8 +59,16 @@ def test_log_prob_matches_torch_distributions(mode, eta, per_row):
         s, s_next = sigmas[[0, 3, 7, 11, 15]], sigmas[[1, 4, 8, 12, 16]]
     else:
         s, s_next = sigmas[5].expand(5), sigmas[6].expand(5)
-    prev, log_prob = sde_step(v, x, s if per_row else float(s[0]), s_next if per_row else float(s_next[0]),
-                              mode=mode, eta=eta, generator=g, sigma_max=sigmas[1])
+    prev, log_prob = sde_step(
+        v,
+        x,
+        s if per_row else float(s[0]),
+        s_next if per_row else float(s_next[0]),
+        mode=mode,
+        eta=eta,
+        generator=g,
+        sigma_max=sigmas[1],
+    )
     mean, std = reference_mean_std(mode, x, v, s.view(-1, 1, 1), s_next.view(-1, 1, 1), eta, sigmas[1])
     expected = Normal(mean, std.expand_as(mean)).log_prob(prev).mean((1, 2))
     assert log_prob.shape == (5,)
@@ -83,8 +115,14 @@ def rescore(model, traj, rows, steps):
     embeds = {k: e[rows] for k, e in traj.embeds.items()}
     s, s_next = traj.sigmas[steps], traj.sigmas[steps + 1]
     v = model.velocity(model.transformer, traj.latents[rows, steps], s, embeds)
-    _, log_prob = sde_step(v, traj.latents[rows, steps], s, s_next, prev_sample=traj.latents[rows, steps + 1],
-                           sigma_max=traj.sigmas[1])
+    _, log_prob = sde_step(
+        v,
+        traj.latents[rows, steps],
+        s,
+        s_next,
+        prev_sample=traj.latents[rows, steps + 1],
+        sigma_max=traj.sigmas[1],
+    )
     return (log_prob - traj.log_probs[rows, steps]).exp()
 
 
@@ -96,7 +134,9 @@ def test_rescoring_gives_ratio_one(family, tiny_flux_dir, tiny_sd3_dir):
         n, t = traj.log_probs.shape
         assert traj.latents.shape == (n, t + 1, *model.latent_shape) and traj.images.shape == (6, 3, 32, 32)
         all_rows = rescore(model, traj, torch.arange(n).repeat_interleave(t), torch.arange(t).repeat(n))
-        one_by_one = torch.stack([rescore(model, traj, [i], [j]) for i in range(n) for j in range(t)]).flatten()
+        one_by_one = torch.stack(
+            [rescore(model, traj, [i], [j]) for i in range(n) for j in range(t)]
+        ).flatten()
         chunk = rescore(model, traj, [4, 4, 4], [1, 2, 3])  # one trajectory's consecutive steps as a batch
     for ratios in (all_rows, one_by_one, chunk):
         assert (ratios - 1).abs().max() < 1e-6
@@ -108,7 +148,9 @@ def test_rollout_ignores_batch_size_and_shares_noise(tiny_flux_dir):
     micro = rollout(model, PROMPTS, num_generations=2, num_steps=4, seed=3, batch_size=1)
     torch.testing.assert_close(micro.latents, full.latents, atol=1e-5, rtol=0)
     torch.testing.assert_close(micro.log_probs, full.log_probs, atol=1e-5, rtol=0)
-    alone = rollout(model, PROMPTS[:1], num_generations=2, num_steps=4, seed=3)  # trajectory j keeps its noise
+    alone = rollout(
+        model, PROMPTS[:1], num_generations=2, num_steps=4, seed=3
+    )  # trajectory j keeps its noise
     torch.testing.assert_close(alone.latents, full.latents[:2], atol=1e-5, rtol=0)
     grouped = rollout(model, PROMPTS, num_generations=2, num_steps=4, seed=3, init_same_noise="group")
     x0 = grouped.latents[:, 0]
@@ -120,19 +162,47 @@ def test_rollout_ignores_batch_size_and_shares_noise(tiny_flux_dir):
 
 def test_ode_matches_stock_flux_pipeline(tiny_flux_dir):
     from diffusers import FluxPipeline
+
     model = load_model(tiny_flux_dir, height=32, width=32, quantize_timestep=False)
     traj = rollout(model, PROMPTS, num_generations=1, num_steps=8, mode="ode", seed=0)
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
-    out = pipe(PROMPTS, latents=traj.latents[:, 0], sigmas=torch.linspace(1, 0, 9)[:-1].tolist(),
-               num_inference_steps=8, guidance_scale=3.5, height=32, width=32, output_type="pt").images
+    out = pipe(
+        PROMPTS,
+        latents=traj.latents[:, 0],
+        sigmas=torch.linspace(1, 0, 9)[:-1].tolist(),
+        num_inference_steps=8,
+        guidance_scale=3.5,
+        height=32,
+        width=32,
+        output_type="pt",
+    ).images
     assert (out - traj.images).abs().max() < 1e-4
 
 
 def test_ode_matches_stock_sd3_pipeline(tiny_sd3_dir):
     from diffusers import StableDiffusion3Pipeline
+
     model = load_model(tiny_sd3_dir, height=32, width=32, guidance_scale=4.5)
     traj = rollout(model, PROMPTS, num_generations=1, num_steps=8, mode="ode", seed=0)
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
-    out = pipe(PROMPTS, latents=traj.latents[:, 0], sigmas=torch.linspace(1, 0, 9)[:-1].tolist(),
-               num_inference_steps=8, guidance_scale=4.5, height=32, width=32, output_type="pt").images
+    out = pipe(
+        PROMPTS,
+        latents=traj.latents[:, 0],
+        sigmas=torch.linspace(1, 0, 9)[:-1].tolist(),
+        num_inference_steps=8,
+        guidance_scale=4.5,
+        height=32,
+        width=32,
+        output_type="pt",
+    ).images
     assert (out - traj.images).abs().max() < 1e-4
+
+
+def test_flux_token_packing_matches_the_stock_pipeline():
+    from diffusers import FluxPipeline
+
+    x = torch.randn(2, 16, 6, 10)  # (N, C, h, w) latent pixels
+    tokens = pack(x)  # (N, 15, 64)
+    assert torch.equal(tokens, FluxPipeline._pack_latents(x, 2, 16, 6, 10))
+    assert torch.equal(unpack(tokens, 6, 10), x)
+    assert torch.equal(FluxPipeline._unpack_latents(tokens, 48, 80, 8), x)  # 48 x 80 px under an 8x VAE

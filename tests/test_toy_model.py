@@ -1,0 +1,99 @@
+"""toy_model.py: the edge weights, the committed bundle, a bit-reproducible build end to end, user errors."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+import sampler
+import toy
+import toy_model
+from runtime import run
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model small enough to pretrain in seconds: width 32 (one head), one block of each kind.
+TINY = dict(steps=10, batch_size=4, dim=32, text_dim=16, num_layers=1, num_single_layers=1, eval_prompts=5)
+
+
+def test_edge_weights_mark_pixels_next_to_a_colour_change():
+    images = toy.render(["a red square", "two blue triangles"], seed=3)  # (2, 3, 32, 32)
+    packed = toy_model.edge_weights(images, 4.0)  # (2, 64, 48), values 1 or 5
+    assert packed.shape == (2, 64, 48)
+    w = models.toy_latents_to_images((packed - 1) / 4 * 2 - 1)  # 0 or 1 on the pixel grid (2, 3, 32, 32)
+    assert torch.equal(w[:, 0], w[:, 2])  # one weight per pixel, on all three channels
+    w = w[:, 0]
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+    for n, y, x in itertools.product(range(2), range(32), range(32)):  # brute force over 3x3 neighbourhoods
+        edge = (padded[n, :, y : y + 3, x : x + 3] != images[n, :, y, x, None, None]).any().item()
+        assert w[n, y, x].item() == float(edge), (n, y, x)
+
+
+def test_bundle_loads_and_rolls_out():
+    files = [f for f in models.TOY_DIR.rglob("*") if f.is_file() and f.suffix != ".png"]
+    size = sum(f.stat().st_size for f in files)
+    assert size <= 10 * 2**20, f"the toy bundle is {size / 2**20:.1f} MB"
+    model = models.load_model("toy")
+    assert model.kind == "toy" and model.latent_shape == (64, 48)
+    tokens = model.encode_prompts(["a red circle", "a green square above two purple circles"])
+    assert tokens["prompt_embeds"].shape[:2] == (2, toy_model.MAX_LENGTH)
+    assert tokens["pooled_prompt_embeds"].ndim == 2
+    prompts = ["a red circle on the left", "two blue squares"]
+    traj = sampler.rollout(model, prompts, num_generations=2, num_steps=4, seed=0)
+    assert traj.images.shape == (4, 3, 32, 32) and traj.log_probs.shape == (4, 3)
+    assert traj.images.min() >= 0 and traj.images.max() <= 1 and torch.isfinite(traj.log_probs).all()
+    assert toy.verify(traj.images, traj.prompts).score.shape == (4,)
+
+
+def test_script_builds_a_bundle_that_pretrain_reproduces_bit_for_bit(tmp_path):
+    out = tmp_path / "bundle"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    cmd = [sys.executable, str(ROOT / "toy_model.py"), *flags, "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [line for line in proc.stdout.splitlines() if line.startswith("held-out")]
+    assert len(evals) == 2 and all(" all " in line for line in evals), proc.stdout
+    assert (out / "samples.png").is_file()
+    assert json.loads((out / "toy_config.json").read_text())["max_length"] == toy_model.MAX_LENGTH
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the build is bit-reproducible on one thread, as the script runs it
+    try:
+        model, text_encoder, _ = toy_model.pretrain(toy_model.Args(**TINY), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    saved = {
+        "transformer/diffusion_pytorch_model.safetensors": model.transformer.state_dict(),
+        "text_encoder/model.safetensors": text_encoder.state_dict(),
+    }
+    for name, state in saved.items():
+        tensors = load_file(out / name)
+        assert len(tensors) > 10, name
+        for key, tensor in tensors.items():
+            assert torch.equal(tensor, state[key]), (name, key)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--eval-only", "--output-dir", "EMPTY"], "no toy bundle in"),
+        (["--steps", "5"], "--steps is 5; it needs at least 10"),
+        (["--dim", "48"], "--dim is 48; it must be a positive multiple of 32"),
+        (["--eval-prompts", "0"], "--eval-prompts and --threads must each be at least 1"),
+    ],
+)
+def test_bad_input_ends_with_one_clear_line(tmp_path, monkeypatch, capsys, flags, message):
+    argv = [str(tmp_path) if f == "EMPTY" else f for f in flags]
+    monkeypatch.setattr(sys, "argv", ["toy_model.py", "--output-dir", str(tmp_path / "out"), *argv])
+    with pytest.raises(SystemExit) as e:
+        run(toy_model.main, toy_model.Args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()  # it failed before any work
