@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 import models
 import sampler
 import toy
-from runtime import UsageError, image_grid, run
+from runtime import PromptSource, UsageError, image_grid, run
 
 
 @dataclass
@@ -224,7 +224,7 @@ def main(args: Args):
         print(f"pretrained in {minutes:.1f} min; bundle {out} is {size:.2f} MB")
     model = models.load_model(str(out))  # evaluate what was saved, through the loading code trainers use
     model.transformer.eval()
-    prompts = toy.sample_prompts("heldout", args.eval_prompts, seed=args.seed + 1)
+    prompts = PromptSource("toy:heldout").head(args.eval_prompts)  # the list eval.py --preset toy scores
     for mode in ("ode", "flow"):
         _, _, table = evaluate(model, prompts, mode=mode, seed=args.seed)
         scores = "  ".join(f"{c} {s:.3f}/{a:.2f}" for c, (s, a) in table.items())
