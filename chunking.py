@@ -33,7 +33,7 @@ import torch
 
 from models import load_model
 from report import plot_curve
-from runtime import PromptSource, UsageError, print0, run
+from runtime import PromptSource, UsageError, print0, run, writable_dir
 from sampler import rollout
 
 RECIPE_SIZES = [2, 3, 4, 7]  # GCPO's released FLUX layout over T = 16 trainable steps (17 sampled)
@@ -307,6 +307,7 @@ def main(args: Args):
     prompts = source.head(args.num_prompts)
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model = load_model(args.model, device=args.device, height=args.height, width=args.width, dtype=dtype)
+    out = writable_dir(args.output_dir)
     sampling = dict(num_steps=args.num_steps, shift=args.shift, mode=args.sde_mode, eta=args.eta)
     G, batch_size = args.num_generations, args.rollout_batch_size
     traj = rollout(model, prompts, num_generations=G, seed=args.seed, batch_size=batch_size, **sampling)
@@ -332,8 +333,6 @@ def main(args: Args):
         w = chunk_means(rel, sizes)  # (N, K)
         p = (w / w.sum(1, keepdim=True)).mean(0).tolist()  # each chunk's first-draw probability, averaged
         print0(f"{name:>9} {sizes!s:<28} P(first draw) = [{', '.join(f'{x:.2f}' for x in p)}]")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # The record keeps every flag it was measured with; num_prompts is the count used (a file may be shorter).
     record = asdict(args) | {"num_prompts": len(prompts), "sigmas": sigmas, "layouts": layouts}
     record |= {name: v.tolist() for name, v in stats.items()}

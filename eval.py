@@ -34,19 +34,21 @@ import torch
 import torch.distributed as dist
 
 import toy
+from checkpoints import checkpoints
 from models import load_model, load_transformer
 from report import comparison_grid, markdown, summarize
 from rewards import build_reward
 from runtime import (
     PromptSource,
     UsageError,
-    checkpoints,
     cli,
     gather_objects,
+    outside_toy_grammar,
     print0,
     run,
     seed_for,
     setup_distributed,
+    writable_dir,
 )
 from sampler import rollout
 
@@ -102,6 +104,8 @@ class Args:
     """rows of the image grid: the first N prompts, first image of each"""
     device: str = "auto"
     """cuda, cpu or auto"""
+    timeout: float = 600.0
+    """seconds a collective waits for the other ranks before the job stops (a hung or dead rank)"""
 
 
 PRESETS = {
@@ -127,14 +131,6 @@ def parse_args(argv=None) -> Args:
 
 
 # ----------------------------------------------------------------------------- inputs
-def in_toy_grammar(prompt: str) -> bool:
-    try:
-        toy.parse(prompt)
-    except ValueError:
-        return False
-    return True
-
-
 def resolve_checkpoint(spec: str) -> tuple[str, Path]:
     """`[label=]path` -> (label, transformer folder), from a checkpoint, its transformer/, or a run folder."""
     label, path = spec.split("=", 1) if "=" in spec else (spec, spec)
@@ -284,11 +280,12 @@ def main(args: Args):
     size = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
     model = load_model(args.model, device=device, dtype=dtype, **size)
     toy_world = model.kind == "toy"  # the exact verifier applies: a GenEval-style breakdown by category
-    outside = [p for p in prompts if not in_toy_grammar(p)] if toy_world else []
-    if outside:
+    outside = outside_toy_grammar(prompts) if toy_world else None
+    if outside is not None:
         raise UsageError(
-            f"prompt {outside[0]!r} is outside the toy grammar; evaluate the toy model on --prompts toy"
+            f"prompt {outside[:80]!r} is outside the toy grammar; evaluate the toy model on toy prompts"
         )
+    writable_dir(args.output_dir)  # now, not after all the sampling
 
     # Rows: the base model, then per checkpoint the plain model (all N steps) and each hybrid k.
     N = args.num_steps

@@ -158,7 +158,13 @@ def load_transformer(model: FlowModel, folder):
             f"no trained transformer in {str(folder)!r} (expected config.json and safetensors weights, "
             f"as in a checkpoint's transformer/ folder)"
         )
-    return type(model.transformer).from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
+    cls = type(model.transformer)
+    saved = json.loads(Path(folder, "config.json").read_text()).get("_class_name")
+    if saved != cls.__name__:
+        raise UsageError(
+            f"{str(folder)!r} holds a {saved}, but the base model's transformer is a {cls.__name__}"
+        )
+    return cls.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
 
 
 def load_model(

@@ -15,6 +15,24 @@ import toy
 from runtime import image_grid, print0
 
 
+def ratio_metrics(ratio, clip_range):
+    """Statistics of the importance ratios (M,) of every trained unit (step or chunk) of an iteration."""
+    return {
+        "ratio": ratio.mean().item(),
+        "ratio_min": ratio.min().item(),
+        "ratio_max": ratio.max().item(),
+        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+        "approx_kl": 0.5 * ratio.log().square().mean().item(),  # 0.5 E[(log r)^2], how far the policy moved
+    }
+
+
+def save_samples(traj, rewards, path, cols, scale):
+    """A grid of the first 16 trajectories' images, captioned with reward and prompt."""
+    captions = [f"{r:.2f} {p}" for r, p in zip(rewards[:16].tolist(), traj.prompts[:16], strict=True)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(traj.images[:16], captions, cols=cols, scale=scale).save(path)
+
+
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
     """Mean and standard error of (P, G) scores. The error is over the P per-prompt means (a prompt's G images
     are not independent draws), which is the usual image-level error when G = 1."""

@@ -3,13 +3,11 @@ Reward models behind one signature, `fn(images, prompts) -> (N,) float tensor`, 
 
     python train_grpo.py --reward hpsv3                          # GCPO's main table, the FLUX default
     python train_grpo.py --reward hpsv3 --reward clip_dfn:0.5    # sum of weight * raw score, each part logged
-    python train_grpo.py --reward pickscore --reward-path pickscore=/models/PickScore_v1   # a local copy
 
-`images` is a float tensor (N, 3, H, W) in [0, 1] on any device; each reward scores the whole batch there,
-under no_grad. `REWARDS` maps a name to a factory `factory(path=None, *, device, dtype) -> fn` that imports
-and loads its model only when called; `path` is a hub id or a local folder (`--reward-path NAME=DIR`), read
-offline first. How the published checkpoints load into transformers modules, and how images are preprocessed
-in torch as their processors do, without the hpsv2 / image-reward / hpsv3 packages: reward_models.py.
+`images` is a float tensor (N, 3, H, W) in [0, 1] on any device; each reward scores the whole batch there.
+`REWARDS` maps a name to a factory `factory(path=None, *, device, dtype) -> fn` that loads its model when
+called, from a hub id or a local folder (`--reward-path NAME=DIR`), offline first. reward_models.py loads the
+published checkpoints into transformers modules and preprocesses images in torch, without their packages.
 
 name         checkpoint (default source)                              score, as reported here
 hpsv3        MizzenAI/HPSv3 HPSv3.safetensors (Qwen2-VL-7B + head)    mu of the (mu, sigma) head at <|Reward|>
@@ -22,13 +20,14 @@ imagereward  THUDM/ImageReward ImageReward.pt (BLIP ViT-L/16 + BERT)  (MLP(text 
 jpeg_compressibility, jpeg_incompressibility (no weights)             -/+ JPEG size in kB at quality 95 (DDPO)
 toy          toy.verify (no weights)                                  fraction of the prompt's atoms right
 
-Scales differ between repos: GCPO (arXiv 2510.21583, github xingzhejun/GCPO) trains on PickScore's raw
-cosine (ours / 100); Flow-GRPO (github yifan123/flow_grpo) divides it by 26. Group-normalised advantages do
-not see one reward's scale; a mix does, so weights apply to raw scores.
+Scales differ between repos: GCPO (arXiv 2510.21583) trains on PickScore's raw cosine (ours / 100),
+Flow-GRPO (github yifan123/flow_grpo) divides it by 26. Group-normalised advantages do not see one reward's
+scale; a mix does, so weights apply to raw scores.
 """
 
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from functools import partial
@@ -58,9 +57,8 @@ RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (N, 3, H, W) in 
 HPSV3_REPO, QWEN2VL_REPO = "MizzenAI/HPSv3", "Qwen/Qwen2-VL-7B-Instruct"  # HPSv3 ships weights only
 # HPSv2 and DFN5B are open_clip checkpoints, tokenised by the CLIP BPE of CLIP_H_REPO (PickScore's processor).
 HPSV2_REPO, DFN_REPO = "xswu/HPSv2", "apple/DFN5B-CLIP-ViT-H-14-384"
-CLIP_H_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+CLIP_H_REPO, AESTHETIC_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "trl-lib/ddpo-aesthetic-predictor"
 PICKSCORE_REPO, CLIP_REPO = "yuvalkirstain/PickScore_v1", "openai/clip-vit-large-patch14"
-AESTHETIC_REPO = "trl-lib/ddpo-aesthetic-predictor"
 IMAGEREWARD_REPO, BERT_REPO = "THUDM/ImageReward", "google-bert/bert-base-uncased"
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py's, not in .pt
 # HPSv3's training text: the user turn of hpsv3/dataset/data_collator_qwen.py verbatim, trailing spaces too
@@ -310,10 +308,14 @@ def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
         if name not in REWARDS:
             raise UsageError(f"unknown reward {name!r} in --reward {spec}; choose from {names}")
         try:
-            out.append((name, float(weight) if weight else 1.0))
+            w = float(weight or 1.0)
         except ValueError:
-            msg = f"--reward {spec}: the weight after ':' must be a number, e.g. {name}:0.5"
-            raise UsageError(msg) from None
+            w = math.nan
+        if not math.isfinite(w):
+            raise UsageError(
+                f"--reward {spec}: the weight after ':' must be a finite number, e.g. {name}:0.5"
+            )
+        out.append((name, w))
     if not out or len({n for n, _ in out}) != len(out):
         given = " ".join(specs) or "(none)"
         raise UsageError(f"--reward {given}: give each reward once, as NAME or NAME:WEIGHT (NAME in {names})")

@@ -1,15 +1,15 @@
 """
 Plumbing under every script: the user-error type and the one entry point that reports it, torchrun setup,
-FSDP2 sharding, cross-rank reductions, seeds, prompt sources, atomic checkpoints, the rank-0 logger and image
-grids. Nothing here is part of the algorithm (train_grpo.py holds that); of the project it imports only
-toy.py.
+FSDP2 sharding, cross-rank reductions, seeds, prompt sources and image grids (a run's folder, its
+checkpoints and its log are checkpoints.py's). Nothing here is part of the algorithm (train_grpo.py holds
+that); of the project it imports only toy.py.
 """
 
-import json
+import math
 import os
-import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +29,16 @@ def cli(cls, presets=None, argv=None):
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if presets is None:
-        return tyro.cli(cls, args=argv)
-    flags = [i for i, a in enumerate(argv[:-1]) if a == "--preset"]
-    name = argv[flags[-1] + 1] if flags else None
-    if name is not None and name not in presets:
-        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
-    default = replace(cls(), preset=name, **presets.get(name, {}))
-    return tyro.cli(cls, default=default, args=argv)
+    default = cls()
+    if presets is not None:
+        flags = [i for i, a in enumerate(argv[:-1]) if a == "--preset"]
+        name = argv[flags[-1] + 1] if flags else None
+        if name is not None and name not in presets:
+            raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        default = replace(default, preset=name, **presets.get(name, {}))
+    args = tyro.cli(cls, default=default, args=argv)
+    check_flags(args)  # every script's numeric flags, before anything loads
+    return args
 
 
 def run(main, cls, presets=None, argv=None):
@@ -56,6 +58,85 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
+# ----------------------------------------------------------------------------- flags The values the numeric
+# flags of every script accept; `check_flags` tests the ones a script's Args has, right after parsing, so that
+# a bad value ends with one line before anything loads. A tuple flag is checked per item.
+FLAG_RULES = {
+    "> 0": ("learning_rate", "lr", "eta", "clip_range", "adv_clip_max", "max_grad_norm", "shift", "timeout"),
+    ">= 0": ("weight_decay", "beta", "slas_gamma", "guidance_scale", "seed", "image_every", "grid_prompts"),
+    "in (0, 1]": ("timestep_fraction", "chunk_fraction"),
+    "in [0, 1)": ("adam_betas", "ema"),
+    ">= 1": (
+        "prompts_per_rank",
+        "num_generations",
+        "rollout_batch_size",
+        "train_batch_size",
+        "num_iterations",
+        "gradient_accumulation_steps",
+        "checkpoint_every",
+        "num_prompts",
+        "prompts_per_batch",
+        "chunk_sizes",
+        "chunk_size",
+        "num_chunks",
+        "chunk_min_size",
+        "sizes",
+        "size",
+        "min_size",
+        "max_skipped_steps",
+    ),
+    ">= 2": ("num_steps",),
+    "a positive multiple of 16": ("height", "width"),  # 8x VAE, then 2x2 patches (FLUX tokens, SD3 patches)
+}
+
+
+def obeys(value, rule: str) -> bool:
+    """Whether one value satisfies one of FLAG_RULES's rules (NaN and infinity never do)."""
+    if not math.isfinite(value):
+        return False
+    if rule == "> 0":
+        return value > 0
+    if rule == ">= 0":
+        return value >= 0
+    if rule == "in (0, 1]":
+        return 0 < value <= 1
+    if rule == "in [0, 1)":
+        return 0 <= value < 1
+    if rule == "a positive multiple of 16":
+        return value > 0 and value % 16 == 0
+    return value >= int(rule.split()[-1])  # ">= 1", ">= 2"
+
+
+def check_flags(args):
+    """One line for the first flag of `args` outside its range (None, "unset", passes), and for a device this
+    machine does not have."""
+    for rule, names in FLAG_RULES.items():
+        for name in names:
+            value = getattr(args, name, None)
+            items = value if isinstance(value, tuple) else (value,)
+            if any(v is not None and not obeys(v, rule) for v in items):
+                shown = " ".join(map(str, items))
+                raise UsageError(f"--{name.replace('_', '-')} {shown}: must be {rule}")
+    device = getattr(args, "device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}, but this machine has no CUDA device; use --device cpu")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise UsageError(f"--device {device}: choose auto, cpu or cuda")
+
+
+def writable_dir(path) -> Path:
+    """Create the folder if needed and prove it takes a file, or end with one line saying why not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to the output folder {str(path)!r} ({e.strerror or e})") from None
+    return path
+
+
 def seed_for(*keys: int) -> int:
     """A well-mixed 32-bit seed from integer keys: (seed, j) pairs never collide as seed + j would."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
@@ -70,12 +151,14 @@ def autocast(device):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE; plain python is world size 1. gloo on CPU, nccl on CUDA."""
+    """torchrun sets RANK/WORLD_SIZE; plain python is world size 1. gloo on CPU, nccl on CUDA. A collective
+    that waits `args.timeout` seconds for another rank (a hung or dead one) fails, and the job stops."""
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        timeout = timedelta(seconds=args.timeout)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     if device == "cuda":
@@ -156,9 +239,9 @@ class PromptSource:
         try:
             text = Path(spec).read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise UsageError(
-                f"prompts file {spec!r} is not UTF-8 text; it needs one prompt per line"
-            ) from None
+            text = "\0"
+        if "\0" in text:  # a binary file, or text in another encoding
+            raise UsageError(f"prompts file {spec!r} is not UTF-8 text; it needs one prompt per line")
         self.lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not self.lines:
             raise UsageError(f"prompts file {spec!r} has no prompts; it needs one prompt per line")
@@ -185,88 +268,14 @@ class PromptSource:
         return self.lines[:n]
 
 
-# ----------------------------------------------------------------------------- checkpoints and logs
-def checkpoints(output_dir):
-    """Completed checkpoints, oldest first (an interrupted save is still named *.tmp and is ignored)."""
-    return sorted(Path(output_dir, "checkpoints").glob("iter_[0-9][0-9][0-9][0-9][0-9]"))
-
-
-def save_checkpoint(policy, optimizer, args, iteration, rank):
-    """The transformer in diffusers format (fp32 master weights, loadable by from_pretrained), the optimizer,
-    every rank's RNG state, the iteration and the args. Written to a temporary folder and renamed, so the
-    newest
-    checkpoint is never half-written."""
-    from huggingface_hub import save_torch_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    # Collective: every rank takes part in gathering the full (unsharded) state on CPU.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(policy, optimizer, options=options)
-    rng_states = gather_objects(torch.get_rng_state())  # one per rank: each draws its own prompts' noise
-    if rank == 0:
-        final = Path(args.output_dir, "checkpoints", f"iter_{iteration:05d}")
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_config(tmp / "transformer")
-        pattern = "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
-        save_torch_state_dict(model_sd, tmp / "transformer", filename_pattern=pattern)
-        trainer = {"optimizer": optim_sd, "rng": rng_states, "iteration": iteration, "args": asdict(args)}
-        torch.save(trainer, tmp / "trainer.pt")
-        os.replace(tmp, final)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def resume(policy, optimizer, output_dir, rank):
-    """Load a run's newest checkpoint into policy and optimizer; the iteration to continue from (0: none)."""
-    found = checkpoints(output_dir)
-    return load_checkpoint(policy, optimizer, found[-1], rank) if found else 0
-
-
-def load_checkpoint(policy, optimizer, path, rank):
-    """Restore what save_checkpoint wrote; returns the iteration to continue from."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    model_sd = {}
-    for f in sorted((path / "transformer").glob("*.safetensors")):
-        model_sd.update(load_file(f))
-    state = torch.load(path / "trainer.pt", weights_only=False)
-    options = StateDictOptions(full_state_dict=True)
-    set_state_dict(
-        policy, optimizer, model_state_dict=model_sd, optim_state_dict=state["optimizer"], options=options
-    )
-    torch.set_rng_state(state["rng"][rank % len(state["rng"])])
-    return state["iteration"]
-
-
-class Logger:
-    """metrics.jsonl (+ wandb) on rank 0; every other rank gets `Logger(None)`, which does nothing."""
-
-    def __init__(self, args, start):
-        self.path = None if args is None else Path(args.output_dir, "metrics.jsonl")
-        self.run = None
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [
-            line for line in lines if json.loads(line)["iteration"] <= start
-        ]  # a resumed run redoes the rest
-        self.path.write_text("".join(line + "\n" for line in kept))
-        if args.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-            self.run = wandb.init(project="chunk-grpo", config=asdict(args))
-
-    def log(self, metrics):
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if self.run is not None:
-            self.run.log(metrics, step=metrics["iteration"])
+def outside_toy_grammar(prompts) -> str | None:
+    """The first prompt the toy grammar cannot parse (the toy reward and model know no other), or None."""
+    for prompt in prompts:
+        try:
+            toy.parse(prompt)
+        except ValueError:
+            return prompt
+    return None
 
 
 # ----------------------------------------------------------------------------- images

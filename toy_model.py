@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 import models
 import sampler
 import toy
-from runtime import PromptSource, UsageError, image_grid, run
+from runtime import PromptSource, UsageError, image_grid, run, writable_dir
 
 
 @dataclass
@@ -88,6 +88,8 @@ def check(args: Args):
         raise UsageError(f"--text-dim is {args.text_dim}; it must be even and positive (2 attention heads)")
     if min(args.batch_size, args.eval_prompts, args.threads) < 1:
         raise UsageError("--batch-size, --eval-prompts and --threads must each be at least 1")
+    if not args.eval_only:
+        writable_dir(args.output_dir)
 
 
 def build_model(args: Args):

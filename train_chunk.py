@@ -21,6 +21,7 @@ the gradient weight it has in step-level GRPO, one in the size-7 chunk about 0.5
 """
 
 import json
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -82,6 +83,8 @@ def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
             # r_j = exp(mean_{t in chunk j}(logp_theta_t - logp_old_t))  (GCPO Eq. 15)
             ratio = (logp - traj.log_probs[row, a:b]).mean().exp()
             loss = ppo_clip_loss(ratio, adv[row], learner.args.clip_range) + learner.args.beta * kl.mean()
+            if learner.kept is not None:  # see train_grpo.step_loss
+                loss = loss * learner.kept[row]
             (loss * scale / k).backward()
             ratios.append(ratio.detach())
     return torch.stack(ratios)  # (n*k,)
@@ -110,9 +113,16 @@ def layout(args: ChunkArgs) -> list[int]:
         if args.chunk_curve is None or not Path(args.chunk_curve).is_file():
             raise UsageError(
                 f"--chunk-layout {args.chunk_layout} needs --chunk-curve FILE, a measured L1rel curve "
-                f"(got {args.chunk_curve!r}); write one with `python chunking.py --save FILE`"
+                f"(got {args.chunk_curve!r}); write one with `python chunking.py --output-dir DIR`"
             )
-        curve = json.loads(Path(args.chunk_curve).read_text())["mean"]
+        try:
+            curve = torch.tensor(json.loads(Path(args.chunk_curve).read_text())["mean"], dtype=torch.float64)
+        except (ValueError, KeyError, TypeError, RuntimeError):
+            curve = torch.tensor([math.nan])  # unreadable: refused below
+        if curve.ndim != 1 or not (torch.isfinite(curve) & (curve >= 0)).all():
+            msg = f"--chunk-curve {args.chunk_curve}: not an L1rel record (a 'mean' list of numbers >= 0)"
+            raise UsageError(msg)
+        curve = curve.tolist()
     return make_layout(
         args.chunk_layout,
         args.num_steps - 1,

@@ -19,6 +19,7 @@ Every trained step of trajectory i shares its trajectory's advantage A_i. There 
 GCPO; Flow-GRPO's (`--beta`) is beta * mean((mu_theta - mu_ref)^2) / (2 std^2) against the frozen base model.
 """
 
+import math
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -29,22 +30,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from checkpoints import Logger, check_output_dir, checkpoints, resume, save_checkpoint
 from chunking import num_selected
 from models import load_model
+from report import ratio_metrics, save_samples
 from rewards import build_reward
 from runtime import (
-    Logger,
     PromptSource,
     UsageError,
     autocast,
     cli,
     gather,
-    image_grid,
+    outside_toy_grammar,
     print0,
     reduce_mean,
-    resume,
     run,
-    save_checkpoint,
     seed_for,
     setup_distributed,
     shard,
@@ -127,6 +127,10 @@ class Args:
     """where metrics.jsonl, sample grids and checkpoints go"""
     checkpoint_every: int = 50
     """save a checkpoint every k iterations (and at the end)"""
+    max_skipped_steps: int = 3
+    """stop after this many optimizer steps in a row skipped for a non-finite loss or gradient norm"""
+    timeout: float = 600.0
+    """seconds a collective waits for the other ranks before the job stops (a hung or dead rank)"""
     image_every: int = 10
     """save a grid of samples with prompts and rewards every k iterations"""
     resume: bool = False
@@ -197,21 +201,26 @@ def global_mean_std(x):
 
 
 def compute_advantages(rewards, group, *, adv_std="group", slas_gamma=None, adv_clip_max=5.0):
-    """Group-relative advantages (N,), and the fraction of groups whose rewards all tie (they get A = 0)."""
+    """Group-relative advantages (N,), and the fraction of groups with nothing to learn from (A = 0): their
+    rewards all tie, or fewer than two are finite. A non-finite reward (a reward model's NaN) drops its
+    trajectory from its group's statistics and gives it A = 0; the trainer does not train it."""
     num_groups = int(group.max()) + 1
-    count = torch.bincount(group, minlength=num_groups).float()  # (B,)
-    mean = torch.zeros(num_groups, device=rewards.device).index_add_(0, group, rewards) / count  # (B,)
-    d = rewards - mean[group]  # (N,) r_i - mean_group(r)
-    var = torch.zeros(num_groups, device=rewards.device).index_add_(0, group, d * d) / (count - 1)  # unbiased
-    zero_std = var.sqrt() < 1e-6  # (B,) nothing to learn from a group whose images all scored the same
+    finite = torch.isfinite(rewards)  # (N,)
+    r = torch.where(finite, rewards, 0.0)  # (N,)
+    zeros = torch.zeros(num_groups, device=r.device)
+    count = zeros.index_add(0, group, finite.float())  # (B,) finite rewards per group
+    mean = zeros.index_add(0, group, r) / count  # (B,)
+    d = torch.where(finite, r - mean[group], 0.0)  # (N,) r_i - mean_group(r)
+    var = zeros.index_add(0, group, d * d) / (count - 1)  # (B,) unbiased
+    zero_std = (count < 2) | (var.sqrt() < 1e-6)  # (B,) no signal: the group's images all scored the same
     if slas_gamma is not None:
         shaped = d.sign() * d.abs() ** (1 + slas_gamma)  # SLAS: A = sign(d)|d|^(1+gamma), no per-prompt std
-        adv = shaped / (global_mean_std(shaped)[1] + 1e-8)  # normalised by the std over all ranks' batch
+        adv = shaped / (global_mean_std(shaped[finite])[1] + 1e-8)  # over the std of all ranks' batch
     elif adv_std == "batch":
-        adv = d / (global_mean_std(rewards)[1] + 1e-8)  # Flow-GRPO: group mean, one std for the whole batch
+        adv = d / (global_mean_std(r[finite])[1] + 1e-8)  # Flow-GRPO: group mean, one std for the whole batch
     else:
         adv = d / (var.sqrt()[group] + 1e-8)  # DanceGRPO / GCPO: A_i = (r_i - mean_g) / (std_g + 1e-8)
-    adv = torch.where(zero_std[group], torch.zeros_like(adv), adv)
+    adv = torch.where(zero_std[group] | ~finite, 0.0, adv)
     return adv.clamp(-adv_clip_max, adv_clip_max), zero_std.float().mean().item()
 
 
@@ -228,6 +237,7 @@ class Learner:
     model: object
     ref: torch.nn.Module | None
     args: Args
+    kept: torch.Tensor | None = None  # (N,) 1.0, or 0.0 for a trajectory dropped for its non-finite reward
 
     def log_probs(self, traj, rows, steps):
         """log pi_theta of the stored transitions (rows[m], steps[m]) as one batch, each row at its own sigma,
@@ -269,6 +279,8 @@ def step_loss(learner, traj, adv, rows, steps, scale):
         logp, kl = learner.log_probs(traj, rb, tb)
         ratio = (logp - traj.log_probs[rb, tb]).exp()  # (m,) r_t = exp(logp_theta - logp_old)
         loss = ppo_clip_loss(ratio, adv[rb], a.clip_range) + a.beta * kl
+        if learner.kept is not None:  # a dropped trajectory still runs its forwards: every rank runs as many
+            loss = loss * learner.kept[rb]
         (loss.sum() * scale / k).backward()
         ratios.append(ratio.detach())
     return torch.cat(ratios)  # (n*k,)
@@ -288,24 +300,6 @@ def describe_steps(args, T):
 
 
 # ----------------------------------------------------------------------------- the loop
-def ratio_metrics(ratio, clip_range):
-    """Statistics of the importance ratios (M,) of every trained unit (step or chunk) of an iteration."""
-    return {
-        "ratio": ratio.mean().item(),
-        "ratio_min": ratio.min().item(),
-        "ratio_max": ratio.max().item(),
-        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-        "approx_kl": 0.5 * ratio.log().square().mean().item(),  # 0.5 E[(log r)^2], how far the policy moved
-    }
-
-
-def save_samples(traj, rewards, path, cols, scale):
-    """A grid of the first 16 trajectories' images, captioned with reward and prompt."""
-    captions = [f"{r:.2f} {p}" for r, p in zip(rewards[:16].tolist(), traj.prompts[:16], strict=True)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(traj.images[:16], captions, cols=cols, scale=scale).save(path)
-
-
 def main(args: Args, objective=step_objective, describe=describe_steps):
     """The GRPO loop. `objective(learner, traj, adv, rows, scale, generator) -> (ratios, extra counts)` does
     the forward/backward of one optimizer step's trajectories; train_chunk.py passes its chunk-level one."""
@@ -319,7 +313,11 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
             f"--gradient-accumulation-steps {args.gradient_accumulation_steps}; change one of them"
         )
     totals = describe(args, T)  # validates the objective's flags before anything is loaded
+    check_output_dir(args)  # a used or unwritable --output-dir is refused before anything is written
     prompts = PromptSource(args.prompts, toy_split="train")
+    outside = None if prompts.is_toy else outside_toy_grammar(prompts.lines)
+    if "toy" in [spec.partition(":")[0] for spec in args.reward] and outside is not None:
+        raise UsageError(f"the toy reward scores toy-grammar prompts; {args.prompts} has {outside[:80]!r}")
     # Inference-only parts (rollouts, rewards, the reference) run in bf16 on CUDA.
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     reward_fn = build_reward(list(args.reward), device=device, dtype=half, paths=list(args.reward_path))
@@ -338,7 +336,7 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
     optimizer = torch.optim.AdamW(policy.parameters(), **adamw)
     learner = Learner(model, ref, args)
-    start = resume(policy, optimizer, args.output_dir, rank) if args.resume else 0
+    start = resume(policy, optimizer, args, rank) if args.resume else 0
     logger = Logger(args if rank == 0 else None, start)
     B, G, accumulation = args.prompts_per_rank, args.num_generations, args.gradient_accumulation_steps
     print0(f"trajectories per iteration: {world} ranks x {B} prompts x {G} images = {world * n_local}")
@@ -346,32 +344,27 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
     print0("\n".join(totals))
     print0(f"starting at iteration {start} of {args.num_iterations}")
 
+    sampling = dict(num_steps=args.num_steps, shift=args.shift, mode=args.sde_mode, eta=args.eta)
+    sampling |= dict(batch_size=args.rollout_batch_size, progress=rank == 0)
     bar = dict(desc="iterations", disable=rank != 0, initial=start, total=args.num_iterations)
+    in_a_row = 0  # optimizer steps skipped in a row
     for it in tqdm(range(start, args.num_iterations), **bar):
         t0 = time.perf_counter()
         # Prompts: one global draw per iteration, sliced per rank, so ranks never share a prompt; every
         # prompt's whole group is sampled on its rank, so group statistics need no communication.
         batch = prompts.draw(world * B, seed_for(args.seed, it))[rank * B : (rank + 1) * B]
         # Noise gets a per-rank, per-iteration seed: ranks explore different trajectories.
-        sampling = dict(num_steps=args.num_steps, shift=args.shift, mode=args.sde_mode, eta=args.eta)
         noise = dict(seed=seed_for(args.seed, it, rank), init_same_noise=args.init_same_noise)
         policy.eval()
         with autocast(device):
-            traj = rollout(
-                model,
-                batch,
-                num_generations=G,
-                batch_size=args.rollout_batch_size,
-                progress=rank == 0,
-                **sampling,
-                **noise,
-            )
+            traj = rollout(model, batch, num_generations=G, **sampling, **noise)
         t1 = time.perf_counter()
         with torch.no_grad():
             rewards, components = reward_fn(traj.images, traj.prompts)  # (N,), {name: (N,)}
         rewards = rewards.to(device).float()
         shaping = dict(adv_std=args.adv_std, slas_gamma=args.slas_gamma, adv_clip_max=args.adv_clip_max)
         adv, frac_zero = compute_advantages(rewards, traj.group, **shaping)  # (N,)
+        learner.kept = torch.isfinite(rewards).float()  # (N,) a non-finite reward drops its trajectory
         t2 = time.perf_counter()
 
         policy.train()
@@ -379,13 +372,26 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
             seed_for(args.seed, it, rank, 1)
         )  # which trajectories/steps to train
         order = torch.randperm(n_local, generator=gen).to(device)
-        ratios, norms, counts = [], [], {}
+        ratios, norms, counts, skipped = [], [], {}, 0
         for rows in order.split(accumulation):
-            ratio, extra = objective(learner, traj, adv, rows, 1.0 / len(rows), gen)
+            scale = 1.0 / max(int(learner.kept[rows].sum()), 1)  # the mean over the trajectories kept
+            ratio, extra = objective(learner, traj, adv, rows, scale, gen)
             ratios.append(ratio)
             norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2, the same on every rank
                 norm = norm.full_tensor()
+            if not torch.isfinite(norm):  # a non-finite loss or gradient: skip the step, keep the weights
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                in_a_row += 1
+                if in_a_row >= args.max_skipped_steps:
+                    last = checkpoints(args.output_dir)
+                    raise UsageError(
+                        f"iteration {it + 1}: {in_a_row} optimizer steps in a row had a non-finite loss or "
+                        f"gradient norm; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
+                    )
+                continue
+            in_a_row = 0
             norms.append(norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -393,20 +399,21 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
                 counts[name] = counts.get(name, 0) + count
         t3 = time.perf_counter()
 
-        # Metrics over every rank's trajectories, logged by rank 0.
+        # Metrics over every rank's trajectories (their finite rewards), logged by rank 0.
         all_rewards = gather(rewards)  # (world * N,)
-        metrics = {
-            "iteration": it + 1,
-            "reward": all_rewards.mean().item(),
-            "reward_std": all_rewards.std().item(),
-        }
+        finite = all_rewards[torch.isfinite(all_rewards)]
+        metrics = {"iteration": it + 1, "reward": finite.mean().item(), "reward_std": finite.std().item()}
+        metrics["reward_nonfinite"] = len(all_rewards) - len(finite)
         for name, values in components.items():
-            metrics[f"reward/{name}"] = gather(values.to(device).float()).mean().item()
+            part = gather(values.to(device).float())
+            metrics[f"reward/{name}"] = part[torch.isfinite(part)].mean().item()
         metrics |= ratio_metrics(gather(torch.cat(ratios).float()), args.clip_range)
         # ratio_first: max |ratio - 1| of the first optimizer step, scored before any update: must be ~0.
         metrics["ratio_first"] = gather((ratios[0] - 1).abs().max().view(1)).max().item()
         metrics["lr"] = optimizer.param_groups[0]["lr"]
-        means = {"frac_reward_zero_std": frac_zero, "grad_norm": torch.stack(norms).mean().item()}
+        metrics["skipped_steps"] = skipped  # the same on every rank: the gradient norm is global
+        grad_norm = torch.stack(norms).mean().item() if norms else math.nan
+        means = {"frac_reward_zero_std": frac_zero, "grad_norm": grad_norm}
         means |= {"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2}
         means["time/iteration"] = t3 - t0
         metrics |= reduce_mean(means, device)

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["toy"],  # the world: imports nothing of ours
     ["runtime"],  # plumbing
+    ["checkpoints"],  # a run's folder: checkpoints, resume, metrics.jsonl
     ["report"],  # tables and figures
     ["models"],  # FLUX, SD3 and toy behind one interface
     ["sampler"],  # the SDE and rollouts

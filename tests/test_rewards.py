@@ -276,7 +276,7 @@ def test_missing_hub_checkpoint_fails_fast_offline(tmp_path, monkeypatch):
     "specs,paths,match",
     [
         (["hpsv4"], None, "unknown reward 'hpsv4'.*choose from hpsv3, hpsv2"),
-        (["clip:lots"], None, "weight after ':' must be a number"),
+        (["clip:lots"], None, "weight after ':' must be a finite number"),
         (["clip", "clip:2"], None, "give each reward once"),
         ([], None, "give each reward once"),
         (["toy"], ["toy"], "takes NAME=DIR"),

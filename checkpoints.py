@@ -1,0 +1,309 @@
+"""
+A run's folder on disk, and resuming a run without going wrong quietly. Of the project it imports only
+runtime.py.
+
+    RUN/metrics.jsonl                        one JSON object per iteration, appended by rank 0
+    RUN/checkpoints/iter_XXXXX/transformer/  the policy in diffusers format (from_pretrained loads it)
+    RUN/checkpoints/iter_XXXXX/trainer.pt    optimizer, every rank's RNG state, iteration, args (weights_only)
+
+A new run refuses a folder that already holds one (pass --resume or a new --output-dir). A checkpoint is
+written to iter_XXXXX.tmp and renamed, so a folder named iter_XXXXX was complete when it was renamed; a crash
+of the machine can still leave its files truncated, so --resume reads the newest checkpoint and falls back to
+the one before it, with a warning, when a file is missing or truncated. It then refuses a checkpoint saved
+with other flags that define the run (RUN_FIELDS, the chunk flags, the world size) or with other weights than
+the policy's, rather than splice two runs into one.
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from runtime import UsageError, gather_objects, print0, writable_dir
+
+# The flags that define a run, with the chunk flags (CHUNK_FIELDS); all others may change on --resume: run
+# length, logging, memory (batch sizes, device) and the optimizer, whose lr, betas and weight decay from the
+# command line replace the restored ones.
+RUN_FIELDS = (
+    "model prompts reward height width guidance_scale num_steps shift sde_mode eta prompts_per_rank "
+    "num_generations init_same_noise timestep_fraction seed"
+).split()
+OPTIMIZER_FIELDS = ("learning_rate", "adam_betas", "weight_decay")
+
+
+class Unreadable(Exception):
+    """A checkpoint with a missing, truncated or foreign file: resume skips it for the one before."""
+
+
+def checkpoints(output_dir):
+    """Completed checkpoints, oldest first (an interrupted save is still named *.tmp and is ignored)."""
+    return sorted(Path(output_dir, "checkpoints").glob("iter_[0-9][0-9][0-9][0-9][0-9]"))
+
+
+# ----------------------------------------------------------------------------- the output folder
+def check_output_dir(args):
+    """Refuse, before anything is written, an --output-dir that is not a writable folder, or one that holds a
+    run (metrics.jsonl or checkpoints/) when --resume is not given. Rank 0 looks (it alone writes there) and
+    every rank raises its verdict."""
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        problem = output_dir_problem(Path(args.output_dir), args.resume)
+    problem = gather_objects(problem)[0]
+    if problem is not None:
+        raise UsageError(problem)
+
+
+def output_dir_problem(out: Path, resume: bool) -> str | None:
+    """What is wrong with `out` as a run's folder, in one line, or None (then `out` exists)."""
+    if out.exists() and not out.is_dir():
+        return f"--output-dir {out} is a file; pass a folder for the run's metrics, samples and checkpoints"
+    if not resume and (Path(out, "metrics.jsonl").exists() or Path(out, "checkpoints").exists()):
+        return (
+            f"--output-dir {out} already holds a run (metrics.jsonl or checkpoints/); pass --resume to "
+            f"continue it, or a new --output-dir"
+        )
+    try:
+        writable_dir(out)  # the one sure test of writability (read-only mounts, ACLs, root)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def plain(value):
+    """A value of args as weights_only can load it: str, int, float, bool, None, tuples of them (else str)."""
+    if isinstance(value, list | tuple):
+        return tuple(plain(v) for v in value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def local(p):
+    """This rank's part of a parameter: its shard under FSDP2 (a DTensor), else the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def save_checkpoint(policy, optimizer, args, iteration, rank):
+    """The transformer in diffusers format (fp32 master weights, loadable by from_pretrained), the optimizer,
+    every rank's RNG state, the iteration and the args. Written to a temporary folder and renamed, so the
+    newest checkpoint is never half-written."""
+    from huggingface_hub import save_torch_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Collective, like the gathering below: every rank checks its own shards.
+    ok = all(torch.isfinite(local(p)).all() for p in policy.parameters())
+    finite = torch.tensor([float(ok)], device=next(policy.parameters()).device)  # nccl reduces CUDA tensors
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise UsageError(f"iteration {iteration}: the weights hold NaN or infinity; they were not saved")
+    # Collective: every rank takes part in gathering the full (unsharded) state on CPU.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(policy, optimizer, options=options)
+    rng_states = gather_objects(torch.get_rng_state())  # one per rank: each draws its own prompts' noise
+    if rank == 0:
+        final = Path(args.output_dir, "checkpoints", f"iter_{iteration:05d}")
+        tmp, stale = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_config(tmp / "transformer")
+        pattern = "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
+        save_torch_state_dict(model_sd, tmp / "transformer", filename_pattern=pattern)
+        run_args = {k: plain(v) for k, v in asdict(args).items()}
+        trainer = {"optimizer": optim_sd, "rng": rng_states, "iteration": iteration, "args": run_args}
+        torch.save(trainer, tmp / "trainer.pt")
+        # A folder of this name exists only if resume skipped it as unreadable: replace it, never merge.
+        shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_checkpoint(path):
+    """(weights, trainer state) of a checkpoint folder; Unreadable if a file is missing or truncated."""
+    from safetensors.torch import load_file
+
+    folder = path / "transformer"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"  # present when the weights are sharded
+    try:
+        json.loads((folder / "config.json").read_text())
+        if index.exists():
+            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no safetensors weights in {folder}")
+        model_sd = {}
+        for f in files:
+            model_sd.update(load_file(f))
+        state = torch.load(path / "trainer.pt", weights_only=True)
+        missing = {"optimizer", "rng", "iteration", "args"} - set(state)
+        if missing:
+            raise KeyError(f"trainer.pt lacks {sorted(missing)}")
+    except Exception as e:  # any failure to read is the same verdict: not this checkpoint
+        lines = str(e).strip().splitlines()
+        raise Unreadable(f"{type(e).__name__}: {lines[0][:120] if lines else ''}") from e
+    return model_sd, state
+
+
+def newest_readable(found):
+    """(path, weights, trainer state) of the newest checkpoint of `found` that reads, warning of those it
+    skips; every rank must read the same one (the run folder is on a filesystem all ranks share)."""
+    chosen, skipped = None, []
+    for path in reversed(found):
+        try:
+            chosen = (path, *read_checkpoint(path))
+            break
+        except Unreadable as e:
+            skipped.append(f"{path.name} ({e})")
+    names = gather_objects(None if chosen is None else chosen[0].name)
+    if len(set(names)) > 1:
+        raise UsageError(f"ranks read different checkpoints {names}: put --output-dir on a shared filesystem")
+    if chosen is None:
+        raise UsageError(
+            f"no readable checkpoint in {found[0].parent}: {'; '.join(skipped)}; "
+            f"start afresh with a new --output-dir"
+        )
+    if skipped:
+        print0(
+            f"warning: unreadable checkpoint {'; '.join(skipped)}; resuming from {chosen[0].name}",
+            file=sys.stderr,
+        )
+    return chosen
+
+
+def shown(value) -> str:
+    """A flag's value as it is typed on the command line."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def changed_flags(saved: dict, now: dict, fields) -> list[str]:
+    """`--flag OLD -> NEW` for each of `fields` whose value differs between two args dicts."""
+    absent = "(unset)"
+    out = []
+    for f in fields:
+        old, new = saved.get(f, absent), now.get(f, absent)
+        if old != new:
+            out.append(f"--{f.replace('_', '-')} {shown(old)} -> {shown(new)}")
+    return out
+
+
+def weight_mismatch(saved: dict, policy) -> list[str]:
+    """The checkpoint's weights against the policy's, by key and shape: the first of each kind of
+    difference."""
+    expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}  # DTensors: the full shape
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    mismatched = [
+        f"{k} of shape {list(got[k])}, not {list(s)}" for k, s in expected.items() if got.get(k, s) != s
+    ]
+    kinds = (("missing key", missing), ("unexpected key", unexpected), ("key", mismatched))
+    return [f"{kind} {keys[0]} ({len(keys)} in all)" for kind, keys in kinds if keys]
+
+
+def load_checkpoint(policy, optimizer, args, checkpoint, rank):
+    """Restore a checkpoint (path, weights, trainer state) after checking that it belongs to this run; the
+    optimizer then takes --learning-rate, --adam-betas and --weight-decay from args. The iteration."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    path, model_sd, state = checkpoint
+    now = {k: plain(v) for k, v in asdict(args).items()}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    chunk_fields = sorted(f for f in {**state["args"], **now} if f.startswith("chunk_") or f == "num_chunks")
+    changed = changed_flags(state["args"], now, RUN_FIELDS + chunk_fields)
+    if len(state["rng"]) != world:
+        changed.append(f"world size {len(state['rng'])} -> {world}")
+    if changed:
+        raise UsageError(
+            f"--resume from {path} with flags that change the run: {', '.join(changed)}; resume with the "
+            f"run's own flags, or start afresh with a new --output-dir"
+        )
+    mismatch = weight_mismatch(model_sd, policy)
+    if mismatch:
+        raise UsageError(
+            f"{path} does not hold this policy's weights: {'; '.join(mismatch)}; "
+            f"was it saved from another --model?"
+        )
+    options = StateDictOptions(full_state_dict=True)
+    sd = dict(model_state_dict=model_sd, optim_state_dict=state["optimizer"])
+    set_state_dict(policy, optimizer, **sd, options=options)
+    torch.set_rng_state(state["rng"][rank])
+    for group in optimizer.param_groups:
+        group.update(lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
+    if retuned := changed_flags(state["args"], now, OPTIMIZER_FIELDS):
+        print0(f"optimizer from the command line: {', '.join(retuned)}")
+    return state["iteration"]
+
+
+def resume(policy, optimizer, args, rank):
+    """Load the run's newest readable checkpoint into policy and optimizer; the iteration to continue from
+    (0: the run has no checkpoint yet)."""
+    found = checkpoints(args.output_dir)
+    if not found:
+        return 0
+    return load_checkpoint(policy, optimizer, args, newest_readable(found), rank)
+
+
+# ----------------------------------------------------------------------------- metrics
+def metrics_iteration(line: str):
+    """The iteration of a line of metrics.jsonl, or None if the line is not a metrics row."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("iteration") if isinstance(row, dict) else None
+
+
+def read_metrics(path: Path) -> list[tuple[int, str]]:
+    """(iteration, line) of each row of a metrics.jsonl. A partial last line (the run was killed mid-write) is
+    dropped with a warning; any other line that is not a metrics row is refused."""
+    lines = [
+        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
+    ]
+    rows = [(metrics_iteration(line), line) for _, line in lines]
+    bad = [i for i, (it, _) in enumerate(rows) if not isinstance(it, int)]
+    if bad and bad[0] < len(rows) - 1:
+        raise UsageError(
+            f"{path} line {lines[bad[0]][0]} is not a metrics row; delete it, then --resume again"
+        )
+    if bad:
+        print(f"warning: dropped the partial last line of {path}", file=sys.stderr)
+    return rows[: len(rows) - len(bad)]
+
+
+class Logger:
+    """metrics.jsonl (+ wandb) on rank 0; every other rank gets `Logger(None)`, which does nothing."""
+
+    def __init__(self, args, start):
+        self.path = None if args is None else Path(args.output_dir, "metrics.jsonl")
+        self.run = None
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        rows = read_metrics(self.path) if self.path.exists() else []
+        kept = [line for it, line in rows if it <= start]  # a resumed run redoes the rest
+        tmp = self.path.with_name(self.path.name + ".tmp")  # same folder: os.replace is then atomic
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+            self.run = wandb.init(project="chunk-grpo", config=asdict(args))
+
+    def log(self, metrics):
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=metrics["iteration"])

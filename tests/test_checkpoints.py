@@ -1,0 +1,238 @@
+"""A run's folder cannot go wrong quietly: a used folder is refused before anything is written, an unreadable
+checkpoint is skipped for the one before it (with a warning), a partial metrics line is dropped, and a
+checkpoint of another run (other flags, other weights) is refused; a new learning rate is applied. In process,
+on a tiny policy, except one resume of the real trainer."""
+
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_chunk
+import train_grpo
+from checkpoints import Logger, check_output_dir, checkpoints, plain, read_checkpoint, resume, save_checkpoint
+from runtime import UsageError
+
+
+class Tiny(torch.nn.Module):
+    """The least save_checkpoint needs of a policy: weights, and a diffusers-style save_config."""
+
+    def __init__(self, width=3, name="proj"):
+        super().__init__()
+        self.add_module(name, torch.nn.Linear(width, 2))
+
+    def forward(self, x):
+        return next(iter(self.children()))(x)
+
+    def save_config(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, "config.json").write_text(json.dumps({"_class_name": "Tiny"}))
+
+
+# tests/test_train.py's tiny settings: 2 prompts x 4 images, 6 steps, 2 optimizer steps per iteration.
+TINY = dict(prompts_per_rank=2, num_generations=4, num_steps=6, gradient_accumulation_steps=4)
+
+
+def toy_args(out, cls=train_grpo.Args, **changes):
+    return replace(cls(), **{**train_grpo.PRESETS["toy"], "output_dir": str(out), "resume": True, **changes})
+
+
+def fresh(args, **tiny):
+    torch.manual_seed(1)
+    policy = Tiny(**tiny)
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    return policy, torch.optim.AdamW(policy.parameters(), **adamw)
+
+
+def train_and_save(args, iterations=2):
+    """One AdamW step and one checkpoint per iteration; each iteration's weights."""
+    policy, optimizer = fresh(args)
+    saved = {}
+    for it in range(1, iterations + 1):
+        policy(torch.randn(4, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        save_checkpoint(policy, optimizer, args, it, rank=0)
+        saved[it] = {k: v.clone() for k, v in policy.state_dict().items()}
+    return saved
+
+
+def snapshot(folder):
+    return {str(p): p.read_bytes() if p.is_file() else None for p in sorted(Path(folder).rglob("*"))}
+
+
+# ----------------------------------------------------------------------------- the output folder
+@pytest.mark.parametrize("holds", ["metrics.jsonl", "checkpoints"])
+def test_a_used_output_dir_is_refused_before_anything_is_written(tmp_path, holds):
+    if holds == "metrics.jsonl":
+        (tmp_path / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    else:
+        (tmp_path / "checkpoints" / "iter_00002").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    args = toy_args(tmp_path, resume=False, num_iterations=1, **TINY)
+    with pytest.raises(UsageError, match="already holds a run") as e:
+        check_output_dir(args)
+    assert "--resume" in str(e.value) and "--output-dir" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="already holds a run"):  # the trainer asks before it loads anything
+        train_grpo.main(args)
+    assert snapshot(tmp_path) == before
+    check_output_dir(replace(args, resume=True))  # --resume continues it
+
+
+def test_an_output_dir_that_is_a_file_or_cannot_be_made_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        check_output_dir(toy_args(tmp_path / "file", resume=False))
+    with pytest.raises(UsageError, match="cannot write"):  # its parent is a file
+        check_output_dir(toy_args(tmp_path / "file" / "run", resume=False))
+    check_output_dir(toy_args(tmp_path / "new" / "run", resume=False))
+    assert (tmp_path / "new" / "run").is_dir() and not any((tmp_path / "new" / "run").iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_an_unwritable_output_dir_is_refused(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(UsageError, match="cannot write"):
+        check_output_dir(toy_args(tmp_path / "ro", resume=False))
+
+
+# ----------------------------------------------------------------------------- unreadable checkpoints
+def damage(ckpt: Path, how: str):
+    weights = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    target = weights if "safetensors" in how else ckpt / "trainer.pt"
+    if how.startswith("missing"):
+        target.unlink()
+    elif how.startswith("truncated"):
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:  # an object weights_only refuses to unpickle: a pickle could run any code
+        state = torch.load(target, weights_only=True)
+        torch.save({**state, "args": {**state["args"], "output_dir": Path("elsewhere")}}, target)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "missing safetensors",
+        "truncated safetensors",
+        "missing trainer.pt",
+        "truncated trainer.pt",
+        "a pickled object in trainer.pt",
+    ],
+)
+def test_resume_falls_back_past_an_unreadable_checkpoint(tmp_path, capsys, how):
+    args = toy_args(tmp_path)
+    saved = train_and_save(args)
+    damage(tmp_path / "checkpoints" / "iter_00002", how)
+    policy, optimizer = fresh(args)
+    assert resume(policy, optimizer, args, rank=0) == 1
+    assert all(torch.equal(v, saved[1][k]) for k, v in policy.state_dict().items())
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: unreadable checkpoint iter_00002 (")
+    assert warning[0].endswith("resuming from iter_00001")
+    # The resumed run's next save replaces the unreadable folder rather than failing on it.
+    save_checkpoint(policy, optimizer, args, 2, rank=0)
+    assert [p.name for p in checkpoints(tmp_path)] == ["iter_00001", "iter_00002"]
+    assert resume(*fresh(args), args, rank=0) == 2
+
+
+def test_no_readable_checkpoint_is_refused(tmp_path):
+    args = toy_args(tmp_path)
+    train_and_save(args)
+    damage(tmp_path / "checkpoints" / "iter_00001", "truncated trainer.pt")
+    damage(tmp_path / "checkpoints" / "iter_00002", "missing safetensors")
+    with pytest.raises(UsageError, match="no readable checkpoint .*iter_00002 .*iter_00001") as e:
+        resume(*fresh(args), args, rank=0)
+    assert "\n" not in str(e.value)
+
+
+def test_trainer_pt_loads_with_weights_only(tmp_path):
+    args = toy_args(
+        tmp_path, cls=train_chunk.ChunkArgs
+    )  # tuples (reward, betas, chunk sizes), None, Literals
+    train_and_save(args, iterations=1)
+    state = torch.load(tmp_path / "checkpoints" / "iter_00001" / "trainer.pt", weights_only=True)
+    assert state["args"] == {k: plain(v) for k, v in asdict(args).items()} and state["iteration"] == 1
+    assert state["args"]["adam_betas"] == (0.9, 0.999) and len(state["rng"]) == 1
+    assert state["optimizer"]["state"]  # AdamW's moments came back too
+
+
+# ----------------------------------------------------------------------------- another run's checkpoint
+def test_changed_run_flags_are_refused_with_the_differences(tmp_path):
+    args = toy_args(tmp_path)
+    train_and_save(args, iterations=1)
+    with pytest.raises(UsageError, match="flags that change the run") as e:
+        resume(*fresh(args), replace(args, seed=1, num_generations=16), rank=0)
+    assert "--seed 0 -> 1" in str(e.value) and "--num-generations 8 -> 16" in str(e.value)
+    assert "\n" not in str(e.value)
+    chunk = toy_args(tmp_path, cls=train_chunk.ChunkArgs)  # train_chunk.py resuming a train_grpo.py run
+    with pytest.raises(UsageError, match=r"--chunk-layout \(unset\) -> fixed"):
+        resume(*fresh(args), chunk, rank=0)
+    trainer = tmp_path / "checkpoints" / "iter_00001" / "trainer.pt"
+    state = torch.load(trainer, weights_only=True)
+    torch.save({**state, "rng": state["rng"] * 2}, trainer)  # as if saved by torchrun --nproc_per_node 2
+    with pytest.raises(UsageError, match="world size 2 -> 1"):
+        resume(*fresh(args), args, rank=0)
+    torch.save(state, trainer)
+    # Run length, logging, memory and device flags may change.
+    free = dict(num_iterations=7, checkpoint_every=3, image_every=0, rollout_batch_size=4, device="auto")
+    assert resume(*fresh(args), replace(args, **free), rank=0) == 1
+
+
+def test_a_new_learning_rate_betas_and_weight_decay_are_applied(tmp_path, capsys):
+    args = toy_args(tmp_path)
+    train_and_save(args, iterations=1)
+    policy, optimizer = fresh(args)
+    retuned = replace(args, learning_rate=1e-3, adam_betas=(0.8, 0.9), weight_decay=0.5)
+    assert resume(policy, optimizer, retuned, rank=0) == 1
+    for group in optimizer.param_groups:
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.8, 0.9), 0.5)
+    assert all(s["step"] == 1 for s in optimizer.state.values())  # the moments are the checkpoint's
+    assert "--learning-rate 3e-05 -> 0.001" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "tiny,message",
+    [
+        (dict(width=4), r"key proj.weight of shape \[2, 3\], not \[2, 4\] \(1 in all\)"),
+        (dict(name="head"), r"missing key head.weight \(2 in all\); unexpected key proj.bias \(2 in all\)"),
+    ],
+)
+def test_weights_of_another_model_are_refused(tmp_path, tiny, message):
+    args = toy_args(tmp_path)
+    train_and_save(args, iterations=1)
+    with pytest.raises(UsageError, match=message):
+        resume(*fresh(args, **tiny), args, rank=0)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+def test_a_partial_last_metrics_line_is_dropped_and_the_rest_rewritten_atomically(tmp_path, capsys):
+    rows = "".join(json.dumps({"iteration": i, "reward": 0.5}) + "\n" for i in (1, 2, 3))
+    (tmp_path / "metrics.jsonl").write_text(rows + '{"iteration": 4, "rew')
+    Logger(toy_args(tmp_path), start=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == rows.rsplit("{", 1)[0]  # iterations 1 and 2
+    assert "dropped the partial last line" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+    (tmp_path / "metrics.jsonl").write_text(rows.replace('{"iteration": 2', '{"iter'))
+    with pytest.raises(UsageError, match="line 2 is not a metrics row"):
+        Logger(toy_args(tmp_path), start=2)
+
+
+def test_the_trainer_resumes_past_a_truncated_checkpoint(tmp_path, capsys):
+    args = toy_args(tmp_path, resume=False, num_iterations=2, checkpoint_every=1, image_every=0, **TINY)
+    train_grpo.main(args)
+    # Cloned: safetensors maps the file into memory, and damage() truncates that file in place.
+    straight = read_checkpoint(tmp_path / "checkpoints" / "iter_00002")[0]
+    straight = {k: v.clone() for k, v in straight.items()}
+    damage(tmp_path / "checkpoints" / "iter_00002", "truncated safetensors")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 3, "rew')  # a run killed mid-write
+    train_grpo.main(replace(args, resume=True))
+    err = capsys.readouterr().err
+    assert "resuming from iter_00001" in err and "dropped the partial last line" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    redone = read_checkpoint(tmp_path / "checkpoints" / "iter_00002")[0]  # readable again, and bit-exact
+    assert redone.keys() == straight.keys() and all(torch.equal(redone[k], straight[k]) for k in straight)
