@@ -26,16 +26,17 @@ table.md (also printed), results.json (every image's scores, per-row summaries, 
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
+import recipes
 import toy
 from checkpoints import checkpoints
-from models import load_model, load_transformer
+from models import load_model, load_transformer, pipeline_sigmas
 from report import comparison_grid, markdown, summarize
 from rewards import build_reward
 from runtime import (
@@ -50,7 +51,7 @@ from runtime import (
     setup_distributed,
     writable_dir,
 )
-from sampler import rollout
+from sampler import DEFAULT_ETA, rollout
 
 
 @dataclass
@@ -79,12 +80,15 @@ class Args:
     # --- sampling ---
     sde_mode: Literal["ode", "flow", "dance", "cps"] = "ode"
     """sampler: ode (deterministic, the papers' evaluation) or an SDE (the stochastic policy RL trains)"""
-    eta: float = 0.7
-    """noise level of an SDE mode (flow 0.7, dance 0.3); unused by ode"""
+    eta: float | None = None
+    """noise level of an SDE mode; default by mode: flow 0.7, dance 0.3, cps 0.7; unused by ode"""
     num_steps: int = 50
     """denoising steps (GCPO evaluates with 50)"""
+    schedule: Literal["pipeline", "shift"] = "pipeline"
+    """pipeline: the stock pipeline's default sigmas and unquantised timesteps, the papers' evaluation (FLUX:
+    dynamic shift for the image size); shift: the training schedule, linspace under --shift"""
     shift: float = 3.0
-    """resolution shift of the sigma schedule, as in training"""
+    """resolution shift of the `shift` schedule, as in training"""
     guidance_scale: float = 3.5
     """FLUX: the distilled guidance embedding; SD3: the classifier-free guidance scale"""
     height: int = 1024
@@ -108,22 +112,7 @@ class Args:
     """seconds a collective waits for the other ranks before the job stops (a hung or dead rank)"""
 
 
-PRESETS = {
-    # The toy model samples with its training schedule (17 steps, shift 3); hybrid 10 of 17 is GCPO's 30 of
-    # 50.
-    "toy": dict(
-        model="toy",
-        prompts="toy:heldout",
-        num_prompts=200,
-        reward=("toy",),
-        num_steps=17,
-        height=32,
-        width=32,
-        prompts_per_batch=50,
-        output_dir="runs/toy-eval",
-        device="cpu",
-    ),
-}
+PRESETS = recipes.EVAL  # --preset toy
 
 
 def parse_args(argv=None) -> Args:
@@ -166,14 +155,14 @@ def hybrid_schedule(trained, base, k: int, num_steps: int) -> list:
 
 
 def sample(
-    model, transformers, prompts, indices, *, seed=0, num_generations=1, shift=3.0, sde_mode="ode", eta=0.7
+    model, transformers, prompts, indices, *, seed=0, num_generations=1, sde_mode="ode", eta=0.7, **sigmas
 ):
     """Images (N, 3, H, W), N = len(prompts) * G, of `prompts` (global indices `indices`); step i runs
     transformers[i]. sampler.rollout is the one sampling loop; eval keys each prompt's noise by its index in
-    the
-    prompt set, so the noise of prompt p is the same whichever model, rank or batch samples it."""
+    the prompt set, so the noise of prompt p is the same whichever model, rank or batch samples it. `sigmas`:
+    the schedule, `shift=` or `sigmas=` as rollout takes them."""
     prompt_seeds = [seed_for(seed, p) for p in indices]
-    sampling = dict(num_steps=len(transformers), shift=shift, mode=sde_mode, eta=eta)
+    sampling = dict(num_steps=len(transformers), mode=sde_mode, eta=eta, **sigmas)
     traj = rollout(
         model,
         prompts,
@@ -200,11 +189,14 @@ def evaluate(model, rows, prompts, reward_fn, args: Args, rank=0, world=1, toy_w
     """Sample and score every row on this rank's batches. `rows`: (label, transformer folder or None, k), the
     model of that folder (the base when None) running the first k of the N steps and the base model the rest.
 
-    Returns this rank's per-image records (see report.py) and the grid's tiles {(row, prompt): uint8 (3, H,
-    W)}.
+    Returns this rank's per-image records (see report.py) and the grid's tiles {(row, prompt): uint8 image}.
     """
     base, G, N = model.transformer.eval(), args.num_generations, args.num_steps
-    sampling = dict(seed=args.seed, num_generations=G, shift=args.shift, sde_mode=args.sde_mode, eta=args.eta)
+    sampling = dict(seed=args.seed, num_generations=G, sde_mode=args.sde_mode, eta=args.eta)
+    if args.schedule == "pipeline":
+        sampling["sigmas"] = pipeline_sigmas(model, N)
+    else:
+        sampling["shift"] = args.shift
     records, tiles, trained, loaded = [], {}, base, None
     for row, (label, folder, k) in enumerate(rows):
         if folder != loaded:  # a checkpoint is loaded once for its rows
@@ -233,6 +225,10 @@ def evaluate(model, rows, prompts, reward_fn, args: Args, rank=0, world=1, toy_w
     return records, tiles
 
 
+def schedule_name(args: Args) -> str:
+    return "the pipeline's" if args.schedule == "pipeline" else f"shift {args.shift:g}"
+
+
 def write_report(records, tiles, labels, prompts, args: Args) -> str:
     """The Markdown table (returned), results.json and grid.png in args.output_dir, from all records."""
     P, G = len(prompts), args.num_generations
@@ -241,7 +237,7 @@ def write_report(records, tiles, labels, prompts, args: Args) -> str:
     summaries = summarize(records, labels, names, P, G)
     caption = (
         f"{args.prompts}: {P} prompts x {G} image{'s' * (G > 1)}, {args.num_steps}-step {args.sde_mode} "
-        f"sampling, shift {args.shift:g}, seed {args.seed}; mean ± standard error over prompts; "
+        f"sampling, {schedule_name(args)} schedule, seed {args.seed}; mean ± standard error over prompts; "
         f"Δ: paired with the base"
     )
     if args.hybrid_steps:
@@ -263,6 +259,7 @@ def write_report(records, tiles, labels, prompts, args: Args) -> str:
 
 
 def main(args: Args):
+    args = replace(args, eta=DEFAULT_ETA[args.sde_mode] if args.eta is None else args.eta)
     device, rank, world = setup_distributed(args)
     # Everything a user can get wrong fails here, before a model is loaded.
     ckpts = [resolve_checkpoint(c) for c in args.checkpoints]
@@ -278,7 +275,9 @@ def main(args: Args):
     # backbone share one device.
     reward_fn = build_reward(list(args.reward), device=device, dtype=dtype, paths=list(args.reward_path))
     size = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
-    model = load_model(args.model, device=device, dtype=dtype, **size)
+    # The stock pipelines feed the transformer sigma itself; training quantises it as DanceGRPO and GCPO do.
+    quantize = args.schedule == "shift"
+    model = load_model(args.model, device=device, dtype=dtype, quantize_timestep=quantize, **size)
     toy_world = model.kind == "toy"  # the exact verifier applies: a GenEval-style breakdown by category
     outside = outside_toy_grammar(prompts) if toy_world else None
     if outside is not None:

@@ -9,11 +9,14 @@ folder.
 The velocity follows the diffusers convention the sampler's maths assume: v ~ eps - x0 at sigma s in [0, 1].
 """
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +37,7 @@ class FlowModel:
     latent_shape: tuple
     device: torch.device
     dtype: torch.dtype
+    stock_sigmas: Callable | None = None  # num_steps -> its pipeline's sigmas (num_steps+1,); None: the toy
 
 
 # FLUX packs each 2x2 patch of latent pixels into one token (FluxPipeline._pack_latents and _unpack_latents,
@@ -92,7 +96,9 @@ def sd3_velocity(guidance_scale, dtype):
         x = torch.cat([latents] * len(names))  # (2N or N, C, h, w)
         out = transformer(
             hidden_states=x.to(dtype),
-            timestep=(sigma * 1000).repeat(len(names)).to(dtype),
+            timestep=(sigma * 1000).repeat(
+                len(names)
+            ),  # fp32, as the stock pipeline (bf16 rounds 913.3 to 912)
             encoder_hidden_states=torch.cat([embeds[k] for k in names]),
             pooled_projections=torch.cat([embeds[k] for k in pooled_names]),
             return_dict=False,
@@ -234,8 +240,9 @@ def load_model(
             h, w, guidance=guidance, quantize_timestep=quantize_timestep, device=device, dtype=dtype
         )
         latent_shape = ((h // 2) * (w // 2), channels)
+        sigmas = partial(scheduler_sigmas, pipe, (h // 2) * (w // 2))
         return FlowModel(
-            "flux", pipe.transformer, velocity, encode_prompts, decode, latent_shape, device, dtype
+            "flux", pipe.transformer, velocity, encode_prompts, decode, latent_shape, device, dtype, sigmas
         )
 
     scale = 4.5 if guidance_scale is None else guidance_scale
@@ -253,6 +260,38 @@ def load_model(
         return {k: e for k, e in zip(names, out, strict=True) if e is not None}
 
     velocity = sd3_velocity(scale, dtype)
+    patch = pipe.transformer.config.patch_size
+    sigmas = partial(scheduler_sigmas, pipe, (h // patch) * (w // patch))
     return FlowModel(
-        "sd3", pipe.transformer, velocity, encode_prompts, decode, (channels, h, w), device, dtype
+        "sd3", pipe.transformer, velocity, encode_prompts, decode, (channels, h, w), device, dtype, sigmas
     )
+
+
+def pipeline_sigmas(model: FlowModel, num_steps: int) -> torch.Tensor:
+    """The schedule the model's stock pipeline samples with by default, (num_steps+1,), or one clear line."""
+    if model.stock_sigmas is None:
+        raise UsageError(
+            f"the {model.kind} model has no pipeline scheduler; use the shift schedule (--schedule shift)"
+        )
+    return model.stock_sigmas(num_steps)
+
+
+def scheduler_sigmas(pipe, image_tokens: int, num_steps: int) -> torch.Tensor:
+    """The sigmas FluxPipeline / StableDiffusion3Pipeline sample with when called with num_inference_steps and
+    nothing else, the final 0 included: (num_steps+1,). FLUX: linspace(1, 1/N, N) under the scheduler's
+    dynamic shift for the image's token count; SD3: the scheduler's own schedule (SD3.5: static shift 3)."""
+    import diffusers
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler, config = copy.deepcopy(pipe.scheduler), pipe.scheduler.config
+    kwargs = {}
+    if isinstance(pipe, diffusers.FluxPipeline):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    if config.get("use_dynamic_shifting"):
+        shift_range = [
+            config.get(k, d) for k, d in (("base_image_seq_len", 256), ("max_image_seq_len", 4096))
+        ]
+        shifts = [config.get("base_shift", 0.5), config.get("max_shift", 1.15 if kwargs else 1.16)]
+        kwargs["mu"] = calculate_shift(image_tokens, *shift_range, *shifts)
+    scheduler.set_timesteps(num_steps if "sigmas" not in kwargs else None, **kwargs)
+    return scheduler.sigmas.float().cpu()

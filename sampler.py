@@ -7,11 +7,12 @@ Notation (diffusers convention, as in SD3 and FLUX): x_s = (1 - s) x0 + s eps, s
 to 0 (image), the transformer predicts the velocity v ~ eps - x0, one step s -> s' has dt = s' - s < 0. A
 deterministic flow ODE becomes a stochastic policy by adding noise of std g(s) sqrt(-dt) and correcting the
 drift with the score, which keeps the marginals of the ODE (Flow-GRPO, arXiv 2505.05470; DanceGRPO, arXiv
-2505.07818). Each step is then a Gaussian policy pi(x' | x, s) whose log-density the GRPO
-objectives ratio against.
+2505.07818). Each step is then a Gaussian policy pi(x' | x, s) whose log-density the GRPO objectives ratio
+against.
 
-Departure from the peers: the last transition sigma_T -> 0 is taken with the plain Euler step. It is never
-trained (both papers skip it), so its noise would only add pixel noise to the image the reward scores.
+The last transition sigma_T -> 0 is taken with the plain Euler step and never trained (both papers skip it).
+GCPO and DanceGRPO sample it stochastically but decode the reward's image from x - sigma_T v, the clean
+estimate at its input, which is exactly this deterministic step: the same image.
 """
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from models import FlowModel
 from runtime import UsageError, seed_for
 
 SDE_MODES = ("flow", "dance", "cps", "ode")
+DEFAULT_ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7, "ode": 0.0}  # Flow-GRPO, DanceGRPO, Flow-GRPO's CPS
 
 
 def sigma_schedule(num_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -166,6 +168,7 @@ def rollout(
     batch_size=None,
     transformers=None,
     progress=False,
+    sigmas=None,
 ) -> Trajectories:
     """Sample `num_generations` trajectories per prompt, batched, recording every step's state and log-prob.
 
@@ -175,6 +178,7 @@ def rollout(
     set). `init_same_noise`: "none", "group" (a prompt's G trajectories start from one noise, isolating the
     policy's own noise) or "all" (every trajectory of this call, GCPO's per-GPU `init_same_noise`).
     `transformers`: one transformer per step (hybrid inference); default model.transformer throughout.
+    `sigmas`: an explicit schedule (num_steps+1,), e.g. model.pipeline_sigmas(N); default sigma_schedule.
     """
     G = num_generations
     n = len(prompts) * G
@@ -187,7 +191,11 @@ def rollout(
     x = randn_tensor((n, *model.latent_shape), generator=init_gens, device=model.device, dtype=torch.float32)
     unique = model.encode_prompts(list(prompts))  # encode each prompt once, then repeat it for its group
     embeds = {k: e.repeat_interleave(G, 0) for k, e in unique.items()}  # each (N, ...)
-    sigmas = sigma_schedule(num_steps, shift).to(model.device)  # (num_steps+1,)
+    if sigmas is None:
+        sigmas = sigma_schedule(num_steps, shift)
+    sigmas = sigmas.to(model.device)  # (num_steps+1,)
+    if len(sigmas) != num_steps + 1:
+        raise UsageError(f"a schedule of {len(sigmas)} sigmas does not make {num_steps} steps")
     batch_size = batch_size or n
     states, log_probs = [x], []
     for i in tqdm(range(num_steps), desc="rollout", disable=not progress, leave=False):

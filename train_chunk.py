@@ -29,9 +29,9 @@ from typing import Literal
 
 import torch
 
+import recipes
 import train_grpo
 from chunking import chunk_bounds, chunk_means, l1rel, make_layout, num_selected, select_chunks
-from models import TOY_DIR
 from runtime import UsageError, run
 from train_grpo import Args, ppo_clip_loss
 
@@ -59,13 +59,7 @@ class ChunkArgs(Args):
     """with --chunk-weighted-sampling: p proportional to the mean L1rel (normalized) or to its softmax"""
 
 
-# The toy preset cuts the toy model's own L1rel curve (measured over 64 held-out prompts by `python
-# chunking.py --output-dir assets/toy`, shipped with the bundle) into 4 chunks with the `curve` rule.
-PRESETS = {
-    name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")}
-    for name, p in train_grpo.PRESETS.items()
-}
-PRESETS["toy"] |= dict(chunk_layout="curve", chunk_curve=str(TOY_DIR / "l1rel.json"))
+PRESETS = recipes.CHUNK  # the trainer's recipes; the toy one cuts the toy model's own L1rel curve
 
 
 def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):

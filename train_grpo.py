@@ -16,13 +16,13 @@ trainable transitions under the current weights and takes PPO-clipped steps:
     loss_t  = max(-A ratio_t, -A clip(ratio_t, 1 - eps, 1 + eps))      (DanceGRPO / Flow-GRPO / GCPO Eq. 4)
 
 Every trained step of trajectory i shares its trajectory's advantage A_i. There is no KL term in DanceGRPO /
-GCPO; Flow-GRPO's (`--beta`) is beta * mean((mu_theta - mu_ref)^2) / (2 std^2) against the frozen base model.
+GCPO; Flow-GRPO's (`--beta`) is beta * mean((mu_theta - mu_ref)^2) / (2 g^2) against the frozen base model.
 """
 
 import math
 import time
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,9 +30,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import recipes
 from checkpoints import Logger, check_output_dir, checkpoints, resume, save_checkpoint
 from chunking import num_selected
-from models import load_model
+from models import load_model, pipeline_sigmas
 from report import ratio_metrics, save_samples
 from rewards import build_reward
 from runtime import (
@@ -49,7 +50,7 @@ from runtime import (
     setup_distributed,
     shard,
 )
-from sampler import rollout, sde_mean_std, sde_step
+from sampler import DEFAULT_ETA, rollout, sde_mean_std, sde_step
 
 
 @dataclass
@@ -76,10 +77,12 @@ class Args:
     """denoising steps per trajectory; the first num_steps-1 transitions are trainable, the last one is not"""
     shift: float = 3.0
     """resolution shift of the sigma schedule, s -> shift s / (1 + (shift - 1) s)"""
+    schedule: Literal["shift", "pipeline"] = "shift"
+    """sigmas: linspace under --shift (DanceGRPO, GCPO), or the pipeline scheduler's (Flow-GRPO on SD3.5)"""
     sde_mode: Literal["flow", "dance", "cps"] = "flow"
     """the stochastic policy: flow (Flow-GRPO, GCPO), dance (DanceGRPO), cps (Flow-GRPO's CPS sampler)"""
-    eta: float = 0.7
-    """noise level of the SDE (flow 0.7, dance 0.3)"""
+    eta: float | None = None
+    """noise level of the SDE; default by --sde-mode: flow 0.7, dance 0.3, cps 0.7"""
     prompts_per_rank: int = 2
     """B: prompts per rank per iteration; each prompt's whole group stays on its rank"""
     num_generations: int = 12
@@ -91,8 +94,8 @@ class Args:
     # --- objective ---
     timestep_fraction: float = 0.5
     """fraction of each trajectory's trainable steps trained per iteration (GCPO 0.5, DanceGRPO 0.6)"""
-    clip_range: float = 5e-5
-    """PPO clip epsilon; tiny because log-probs are per-element means (see sampler.sde_step)"""
+    clip_range: float | None = None
+    """PPO clip epsilon, tiny as log-probs are element means; by mode: flow 5e-5, dance 1e-4, cps 1e-5"""
     adv_clip_max: float = 5.0
     """advantages are clipped to [-adv_clip_max, adv_clip_max]"""
     adv_std: Literal["group", "batch"] = "group"
@@ -100,7 +103,7 @@ class Args:
     slas_gamma: float | None = None
     """if set, SLAS: A = sign(d)|d|^(1+gamma), d = r - group mean, over the batch std (0.5 is our guess)"""
     beta: float = 0.0
-    """weight of the KL to the frozen base model (Flow-GRPO 0.04; DanceGRPO and GCPO use none)"""
+    """weight of Flow-GRPO's KL to the frozen base model (its PickScore 0.01, GenEval 0.04; GCPO: none)"""
     train_batch_size: int = 1
     """transitions per forward/backward during training (memory only; the gradient does not depend on it)"""
     # --- optimisation ---
@@ -139,53 +142,7 @@ class Args:
     """also log to Weights & Biases (pip install wandb)"""
 
 
-PRESETS = {
-    # The toy world: 64 trajectories per iteration, ~5 s each on one CPU core. Over 100 iterations lr 3e-5
-    # gained held-out reward on 3 of 3 seeds; 1e-4 lost it (NOTES.md).
-    "toy": dict(
-        model="toy",
-        prompts="toy:train",
-        reward=("toy",),
-        height=32,
-        width=32,
-        prompts_per_rank=8,
-        num_generations=8,
-        rollout_batch_size=64,
-        train_batch_size=16,
-        clip_range=1e-3,
-        learning_rate=3e-5,
-        max_grad_norm=1.0,
-        gradient_accumulation_steps=32,
-        num_iterations=100,
-        gradient_checkpointing=False,
-        output_dir="runs/toy-grpo",
-        checkpoint_every=20,
-        image_every=10,
-        device="cpu",
-    ),
-    "sd35": dict(
-        model="stabilityai/stable-diffusion-3.5-medium",
-        prompts="pickscore_train.txt",
-        reward=("pickscore",),
-        height=512,
-        width=512,
-        guidance_scale=4.5,
-        num_steps=10,
-        shift=3.0,
-        num_generations=24,
-        prompts_per_rank=1,
-        init_same_noise="none",
-        rollout_batch_size=8,
-        timestep_fraction=0.99,
-        clip_range=1e-4,
-        adv_std="batch",
-        beta=0.04,
-        learning_rate=1e-5,
-        max_grad_norm=1.0,
-        gradient_accumulation_steps=12,
-        output_dir="runs/sd35-grpo",
-    ),
-}
+PRESETS = recipes.TRAIN  # --preset toy, sd35, dance: the published recipes (recipes.py)
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -239,6 +196,9 @@ class Learner:
     args: Args
     kept: torch.Tensor | None = None  # (N,) 1.0, or 0.0 for a trajectory dropped for its non-finite reward
 
+    def __post_init__(self):
+        self.args = mode_defaults(self.args)  # eta and clip_range, wherever the Learner was built from
+
     def log_probs(self, traj, rows, steps):
         """log pi_theta of the stored transitions (rows[m], steps[m]) as one batch, each row at its own sigma,
         and the KL term of each: (M,), (M,). The same sde_step that sampled them scores them, so unchanged
@@ -257,10 +217,16 @@ class Learner:
             v_ref = m.velocity(self.ref, x, s, embeds)
         mean, std = sde_mean_std(v, x, s, s_next, **sde)
         mean_ref, _ = sde_mean_std(v_ref, x, s, s_next, **sde)
-        kl = ((mean - mean_ref) ** 2 / (2 * std**2)).mean(
-            tuple(range(1, x.ndim))
-        )  # Flow-GRPO's KL, per element
-        return logp, kl
+        return logp, kl_to_reference(mean, mean_ref, std, s - s_next)
+
+
+def kl_to_reference(mean, mean_ref, std, minus_dt):
+    """Flow-GRPO's KL term (train_sd3.py): mean((mu_theta - mu_ref)^2) / (2 g^2) per transition, (M,), where g
+    is the SDE's coefficient, the step's std without its sqrt(-dt). The exact KL of the two Gaussian steps
+    divides by the step's variance g^2 (-dt) instead: this term is that KL times -dt (4x to 25x smaller on
+    SD3.5's 10-step schedule), so that --beta means what it means in Flow-GRPO."""
+    g_squared = std**2 / minus_dt.reshape(std.shape)  # std = g sqrt(-dt): (M or 1, 1, ...)
+    return ((mean - mean_ref) ** 2 / (2 * g_squared)).mean(tuple(range(1, mean.ndim)))
 
 
 def step_loss(learner, traj, adv, rows, steps, scale):
@@ -300,9 +266,22 @@ def describe_steps(args, T):
 
 
 # ----------------------------------------------------------------------------- the loop
+def mode_defaults(args: Args) -> Args:
+    """args with the SDE's noise level and the clip range of the mode's own recipe where they were left unset:
+    Flow-GRPO / GCPO (flow: 0.7, 5e-5), DanceGRPO (dance: 0.3, 1e-4), Flow-GRPO's CPS (cps: 0.7, 1e-5)."""
+    eta = DEFAULT_ETA[args.sde_mode] if args.eta is None else args.eta
+    clip = (
+        {"flow": 5e-5, "dance": 1e-4, "cps": 1e-5}[args.sde_mode]
+        if args.clip_range is None
+        else args.clip_range
+    )
+    return replace(args, eta=eta, clip_range=clip)
+
+
 def main(args: Args, objective=step_objective, describe=describe_steps):
     """The GRPO loop. `objective(learner, traj, adv, rows, scale, generator) -> (ratios, extra counts)` does
     the forward/backward of one optimizer step's trajectories; train_chunk.py passes its chunk-level one."""
+    args = mode_defaults(args)  # eta and clip_range follow --sde-mode unless given
     device, rank, world = setup_distributed(args)
     n_local, T = args.prompts_per_rank * args.num_generations, args.num_steps - 1
     if args.num_generations < 2:
@@ -342,10 +321,13 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
     print0(f"trajectories per iteration: {world} ranks x {B} prompts x {G} images = {world * n_local}")
     print0(f"optimizer steps per iteration: {n_local // accumulation} (of {accumulation} trajectories each)")
     print0("\n".join(totals))
+    print0(f"policy: {args.sde_mode} SDE, eta {args.eta:g}, clip {args.clip_range:g}, {args.schedule} sigmas")
     print0(f"starting at iteration {start} of {args.num_iterations}")
 
     sampling = dict(num_steps=args.num_steps, shift=args.shift, mode=args.sde_mode, eta=args.eta)
     sampling |= dict(batch_size=args.rollout_batch_size, progress=rank == 0)
+    if args.schedule == "pipeline":
+        sampling["sigmas"] = pipeline_sigmas(model, args.num_steps)
     bar = dict(desc="iterations", disable=rank != 0, initial=start, total=args.num_iterations)
     in_a_row = 0  # optimizer steps skipped in a row
     for it in tqdm(range(start, args.num_iterations), **bar):
@@ -410,6 +392,11 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
         metrics |= ratio_metrics(gather(torch.cat(ratios).float()), args.clip_range)
         # ratio_first: max |ratio - 1| of the first optimizer step, scored before any update: must be ~0.
         metrics["ratio_first"] = gather((ratios[0] - 1).abs().max().view(1)).max().item()
+        if metrics["ratio_first"] > args.clip_range / 10:  # e.g. bf16 kernels that depend on the batch size
+            print0(
+                f"warning: ratio_first {metrics['ratio_first']:.1e} is over a tenth of the clip range; the "
+                f"rollout and training forwards disagree (try --train-batch-size {args.rollout_batch_size})"
+            )
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         metrics["skipped_steps"] = skipped  # the same on every rank: the gradient norm is global
         grad_norm = torch.stack(norms).mean().item() if norms else math.nan

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The reading order, bottom to top (README, "The files"): a file imports only files of lower layers.
 LAYERS = [
-    ["toy"],  # the world: imports nothing of ours
+    ["toy", "recipes"],  # the world, and the published recipes as presets: import nothing of ours
     ["runtime"],  # plumbing
     ["checkpoints"],  # a run's folder: checkpoints, resume, metrics.jsonl
     ["report"],  # tables and figures

@@ -119,7 +119,9 @@ def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
 
 
 def test_args_defaults_are_the_gcpo_recipe():
-    a = ChunkArgs()
+    from train_grpo import mode_defaults
+
+    a = mode_defaults(ChunkArgs())  # eta and clip_range follow the flow SDE's recipe
     assert (a.num_steps, a.shift, a.sde_mode, a.eta, a.num_generations, a.prompts_per_rank) == (
         17,
         3.0,

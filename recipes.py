@@ -1,0 +1,101 @@
+"""
+The published recipes, as presets of the scripts' `Args` (`--preset NAME` switches every default at once). The
+defaults of train_grpo.Args are themselves GCPO's FLUX.1-dev recipe (arXiv 2510.21583; github
+xingzhejun/GCPO); each preset here names the script or config it reproduces, and what still differs and why.
+"""
+
+from pathlib import Path
+
+TOY_CURVE = Path(__file__).resolve().parent / "assets" / "toy" / "l1rel.json"
+
+TRAIN = {
+    # The toy world: 64 trajectories per iteration, ~5 s each on one CPU core. Over 100 iterations lr 3e-5
+    # gained held-out reward on 3 of 3 seeds; 1e-4 lost it (NOTES.md).
+    "toy": dict(
+        model="toy",
+        prompts="toy:train",
+        reward=("toy",),
+        height=32,
+        width=32,
+        prompts_per_rank=8,
+        num_generations=8,
+        rollout_batch_size=64,
+        train_batch_size=16,
+        clip_range=1e-3,
+        learning_rate=3e-5,
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=32,
+        num_iterations=100,
+        gradient_checkpointing=False,
+        output_dir="runs/toy-grpo",
+        checkpoint_every=20,
+        image_every=10,
+        device="cpu",
+    ),
+    # Flow-GRPO's SD3.5-M PickScore recipe (github yifan123/flow_grpo, config/grpo.py `pickscore_sd3` over
+    # config/base.py): 10 steps of the pipeline scheduler's own sigmas, all 9 trainable steps trained (its
+    # timestep_fraction 0.99 of 10 steps), 48 prompts x 24 images an epoch (here 8 GPUs x 6 prompts), two
+    # optimizer steps of it, batch std, no shared noise, clip 1e-4, KL beta 0.01, grad norm 1.0. Differences:
+    # a full fine-tune at lr 1e-5 where Flow-GRPO trains LoRA r 32 / alpha 64 at lr 3e-4; bf16 compute where
+    # it uses fp16; no EMA of the weights (Flow-GRPO keeps one for evaluation, not for sampling).
+    "sd35": dict(
+        model="stabilityai/stable-diffusion-3.5-medium",
+        prompts="pickscore_train.txt",
+        reward=("pickscore",),
+        height=512,
+        width=512,
+        guidance_scale=4.5,
+        num_steps=10,
+        schedule="pipeline",
+        num_generations=24,
+        prompts_per_rank=6,
+        init_same_noise="none",
+        rollout_batch_size=8,
+        timestep_fraction=1.0,
+        clip_range=1e-4,
+        adv_std="batch",
+        beta=0.01,
+        learning_rate=1e-5,
+        max_grad_norm=1.0,
+        gradient_accumulation_steps=72,
+        output_dir="runs/sd35-grpo",
+    ),
+    # DanceGRPO's FLUX recipe (github XueZeyue/DanceGRPO, scripts/finetune/finetune_flux_grpo.sh, its 8-GPU
+    # variant): the dance SDE at eta 0.3, 16 steps of shift 3, 720 px, 2 prompts x 12 images a GPU with one
+    # initial noise, 60% of the steps trained, clip 1e-4, advantages clipped to 5, lr 1e-5, grad norm 1.0,
+    # 12 trajectories an optimizer step, HPSv2.1, 300 iterations. The SLAS paper builds on this recipe: the
+    # natural base for --slas-gamma. GCPO's reimplementation of it uses grad norm 0.01 and 17 steps instead.
+    "dance": dict(
+        reward=("hpsv2",),
+        sde_mode="dance",
+        eta=0.3,
+        num_steps=16,
+        timestep_fraction=0.6,
+        clip_range=1e-4,
+        max_grad_norm=1.0,
+        num_iterations=300,
+        output_dir="runs/dance-grpo",
+    ),
+}
+
+# train_chunk.py: the same recipes; the toy one cuts the toy model's own L1rel curve (64 held-out prompts,
+# `python chunking.py --output-dir assets/toy`) into 4 chunks with the `curve` rule.
+CHUNK = {name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")} for name, p in TRAIN.items()}
+CHUNK["toy"] |= dict(chunk_layout="curve", chunk_curve=str(TOY_CURVE))
+
+EVAL = {
+    # The toy model samples with its training schedule (17 steps, shift 3); hybrid 10 of 17 is GCPO's 30/50.
+    "toy": dict(
+        model="toy",
+        prompts="toy:heldout",
+        num_prompts=200,
+        reward=("toy",),
+        num_steps=17,
+        schedule="shift",
+        height=32,
+        width=32,
+        prompts_per_batch=50,
+        output_dir="runs/toy-eval",
+        device="cpu",
+    ),
+}
