@@ -1,13 +1,14 @@
 """
 How rewards.py reads the published reward models, without their packages (hpsv2, image-reward, hpsv3):
 
-- weights are found offline first: a folder, else the local Hugging Face cache, else the hub if it answers,
-  else one line naming the file, where it was looked for and the flag to change (`fetch`, `pretrained`);
+- files are found offline first: the folder or file given as --reward-path NAME=DIR or NAME=FILE, else the
+  local Hugging Face cache, else the hub if it answers (`fetch`, `pretrained`); a folder that holds only the
+  weights takes its config and tokenizer from the base repo they tune (Qwen2-VL for HPSv3, CLIP-H's tokenizer
+  for HPSv2); what cannot be found ends in one line naming the files, where they were looked for and where
+  to put them (`hf download REPO FILES`, never a whole 16 GB repo for a config);
 - checkpoint keys are mapped into transformers modules: open_clip's CLIP into CLIPModel, BLIP's timm ViT and
   med.py BERT into BlipVisionModel and BlipTextModel, HPSv3's transformers 4.45 Qwen2-VL into Qwen2VLModel,
-  the MLP heads into nn.Sequential; a key that is not mapped is refused, a missing weight is an error;
-- images are preprocessed in torch as each model's processor does it on PIL images (`preprocess`,
-  `qwen2vl_pixels`), so a batch is scored on its device with no PIL or disk round trip.
+  the MLP heads into nn.Sequential; a key that is not mapped is refused, a missing weight is an error.
 
 Nothing here knows a reward's name or default checkpoint: rewards.py holds those.
 """
@@ -20,14 +21,12 @@ from collections.abc import Callable
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 
 from runtime import UsageError
 
 PATH_FLAG = "--reward-path"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation, kept by every model here
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-HPSV3_PIXELS = 256 * 28 * 28  # HPSv3 sets min_pixels = max_pixels: ~448 x 448 images, 256 visual tokens
+# What AutoTokenizer reads from a folder; the first is how a folder shows it has a tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
 # open_clip keeps head counts out of its state dict: ViT-H-14 has 16 vision heads of width 80, 16 text heads.
 # HPSv2 scores with `light_augmentation`: long side to 224, zero-padded to a square.
 VIT_H_14 = {
@@ -64,8 +63,17 @@ def _online() -> bool:
         return False
 
 
-def _load(reward: str, src: str, what: str, load: Callable[[bool], object]):
-    """`load(local_files_only)` from a folder, else the HF cache, else the hub if it answers, else one line"""
+def local_folder(src: str) -> str | None:
+    """The folder a --reward-path value names (a file's own folder), or None for a hub repo id."""
+    if os.path.isfile(src):
+        return os.path.dirname(src) or "."
+    return src if os.path.isdir(src) or src.startswith(("/", ".", "~")) else None
+
+
+def _load(reward: str, repo: str, what: str, files: tuple, load: Callable[[bool], object], into=None):
+    """`load(local_files_only)` from folder or hub repo `repo`: the folder, else the HF cache, else the hub if
+    it answers, else one line naming `files`, where they were looked for and where to put them. `into`: the
+    user's folder, when `repo` is the base repo that stands in for files the folder lacks."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # loading bars would bury the training bars
@@ -73,7 +81,7 @@ def _load(reward: str, src: str, what: str, load: Callable[[bool], object]):
         return load(True)
     except (OSError, ValueError) as e:
         err = e
-    local = os.path.isdir(src) or src.startswith(("/", ".", "~"))
+    local = local_folder(repo) is not None
     online = not local and _online()
     if online:
         try:
@@ -81,48 +89,73 @@ def _load(reward: str, src: str, what: str, load: Callable[[bool], object]):
         except (OSError, ValueError) as e:
             err = e
     if local:
-        where = f"folder {src}"
+        where = f"folder {repo}"
     elif online:
-        where = f"{src} on the Hugging Face hub"
+        where = f"{repo} on the Hugging Face hub"
     else:
-        where = f"the Hugging Face cache for {src} (offline: HF_HUB_OFFLINE is set or the hub is unreachable)"
+        where = (
+            f"the Hugging Face cache for {repo} (offline: HF_HUB_OFFLINE is set or the hub is unreachable)"
+        )
     if local or online:  # the first line of the loader's own complaint
         where += f" ({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]})"
-    get = "" if local else f"download it (`hf download {src}`) or "
-    fix = f"{get}point {PATH_FLAG} {reward}=DIR at a local copy"
+    names, them = ", ".join(files), "it" if len(files) == 1 else "them"
+    get = " ".join(["hf download", repo, *files])  # these files only, never the whole (16 GB) repo
+    if local:
+        fix = f"put {names} there, or point {PATH_FLAG} {reward}=DIR at the folder that holds {them}"
+        fix += " (or =FILE at the checkpoint file)"
+    elif into:
+        fix = f"put {names} of {repo} in {into} beside the checkpoint (`{get} --local-dir {into}`)"
+    else:
+        fix = f"download {them} (`{get}`) or point {PATH_FLAG} {reward}=DIR at a local copy"
     raise UsageError(f"reward {reward!r}: cannot load {what} from {where}; {fix}") from None
 
 
-def fetch(reward: str, src: str, name: str) -> str:
-    """The local path of file `name` of a folder or hub repo `src`."""
+def fetch(reward: str, src: str, names, base: str | None = None) -> str:
+    """The local path of a reward's file. `src`: the --reward-path value (a folder, or the checkpoint file
+    itself, returned as is when `base` is None) or the default hub repo; `names`: the file's name, or the
+    names it goes by; `base`: the hub repo that has the file when the folder (or hub repo `src`) lacks it."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if base is None and os.path.isfile(src):
+        return src
+    folder = local_folder(src)
+    here = [os.path.join(folder, n) for n in names if folder and os.path.isfile(os.path.join(folder, n))]
+    if folder is not None and (here or base is None):
+        repo = folder
+    else:
+        repo = base or src
 
     def load(local_files_only):
-        if not os.path.isdir(src):
+        if repo != folder:
             from huggingface_hub import hf_hub_download
 
-            return hf_hub_download(src, name, local_files_only=local_files_only)
-        if not os.path.isfile(os.path.join(src, name)):
-            raise FileNotFoundError(f"no {name} there")
-        return os.path.join(src, name)
+            return hf_hub_download(repo, names[0], local_files_only=local_files_only)
+        if not here:
+            raise FileNotFoundError(f"no {' or '.join(names)} there")
+        return here[0]
 
-    return _load(reward, src, name, load)
-
-
-def pretrained(reward: str, cls, src: str, what: str, **kwargs):
-    """`cls.from_pretrained(src)`, found as `fetch` finds a file; `what` names it in the error."""
-    return _load(reward, src, what, lambda lfo: cls.from_pretrained(src, local_files_only=lfo, **kwargs))
+    return _load(reward, repo, " or ".join(names), names[:1], load, folder if repo != folder else None)
 
 
-def pick(src: str, base: str, marker: str) -> str:
-    """`src` if it is a folder holding `marker` (a config or tokenizer), else the base repo it extends."""
-    return src if os.path.isfile(os.path.join(src, marker)) else base
+def pretrained(reward: str, cls, src: str, what: str, files: tuple, base: str | None = None, **kwargs):
+    """`cls.from_pretrained` of the folder `src` names when it holds `files[0]` (or no `base` is given), else
+    of hub repo `base` or `src`; `what` and `files` (what the folder needs) name it in the error."""
+    folder = local_folder(src)
+    if folder is not None and (base is None or os.path.isfile(os.path.join(folder, files[0]))):
+        repo = folder
+    else:
+        repo = base or src
+
+    def load(local_files_only):
+        return cls.from_pretrained(repo, local_files_only=local_files_only, **kwargs)
+
+    return _load(reward, repo, what, files, load, folder if repo != folder else None)
 
 
 def load_tokenizer(reward: str, src: str, base: str):
-    """The tokenizer of folder `src`, else that of the base repo its weights extend."""
+    """The tokenizer of the folder `src` names, else that of the base repo its weights extend."""
     from transformers import AutoTokenizer
 
-    return pretrained(reward, AutoTokenizer, pick(src, base, "tokenizer_config.json"), "the tokenizer")
+    return pretrained(reward, AutoTokenizer, src, "the tokenizer", TOKENIZER_FILES, base)
 
 
 def from_state_dict(reward: str, cls, config, state_dict: dict, dtype, **kwargs):
@@ -132,85 +165,6 @@ def from_state_dict(reward: str, cls, config, state_dict: dict, dtype, **kwargs)
     if missing:
         raise UsageError(f"reward {reward!r}: the checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
     return model.eval()
-
-
-# ----------------------------------------------------------------------------- preprocessing, in torch
-def _resize(x: torch.Tensor, h: int, w: int, interpolation="bicubic", pil=True) -> torch.Tensor:
-    """Antialiased resize of (N, C, H, W) floats; antialiased bicubic is PIL's filter (a = -0.5, wide support)
-
-    pil=True also follows PIL's order: width, then height, clipped to [0, 1] (uint8) between and after.
-    Bicubic overshoots at sharp edges, where one unclipped 2-D pass can differ from PIL by 18/255. pil=False
-    is torchvision's resize of a float tensor (HPSv2's path): one pass, no clipping, antialiased (the default
-    since torchvision 0.17).
-    """
-    sizes = [(x.shape[-2], w), (h, w)] if pil else [(h, w)]
-    for size in sizes:
-        if x.shape[-2:] != size:
-            x = F.interpolate(x, size, mode=interpolation, antialias=True, align_corners=False)
-            x = x.clamp(0, 1) if pil else x
-    return x
-
-
-def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    return (x - x.new_tensor(mean).view(1, -1, 1, 1)) / x.new_tensor(std).view(1, -1, 1, 1)
-
-
-def preprocess(images, size, mean=OPENAI_MEAN, std=OPENAI_STD, *, mode="shortest", interpolation="bicubic"):
-    """(N, 3, H, W) in [0, 1] -> normalised (N, 3, size, size) float32: a processor's PIL path, in torch.
-
-    "shortest": short side -> size, long side int(size * long / short), centre crop (CLIPImageProcessor;
-    torchvision Resize(int) + CenterCrop); "longest": long side -> size, short side rounded, zero-padded to a
-    square before normalising (HPSv2's ResizeMaxSize on a tensor); "squash": straight to size x size.
-    Gap to the PIL path (uint8 in, rounded to 1/255 between and after its two passes): at most ~1.5/255 and
-    ~0.3/255 on average in [0, 1] units, for 32..1280 px inputs to 224 px (tests/test_reward_models.py).
-    An odd crop margin starts at floor(margin / 2) as in transformers; torchvision rounds it, a pixel further.
-    """
-    x = images.float()
-    h, w = x.shape[-2:]
-    if mode == "shortest":
-        oh, ow = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    elif mode == "longest":
-        oh, ow = round(h * size / max(h, w)), round(w * size / max(h, w))
-    elif mode == "squash":
-        oh, ow = size, size
-    else:
-        raise UsageError(f"unknown resize mode {mode!r}; choose shortest, longest or squash")
-    x = _resize(x, oh, ow, interpolation, pil=mode != "longest")  # (N, 3, oh, ow)
-    if mode == "longest":  # black (0) borders, before normalising, as HPSv2 pads
-        top, left = (size - oh) // 2, (size - ow) // 2
-        x = F.pad(x, (left, size - ow - left, top, size - oh - top))  # (N, 3, size, size)
-    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
-    x = x[..., top : top + size, left : left + size]  # (N, 3, size, size)
-    return _normalize(x, mean, std)
-
-
-def smart_resize(h, w, factor=28, min_pixels=HPSV3_PIXELS, max_pixels=HPSV3_PIXELS) -> tuple[int, int]:
-    """Qwen2-VL's size rule: sides multiples of `factor`, area in [min_pixels, max_pixels], aspect kept."""
-    hb, wb = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb, wb = math.floor(h / beta / factor) * factor, math.floor(w / beta / factor) * factor
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    return hb, wb
-
-
-def qwen2vl_pixels(images, patch=14, merge=2, temporal=2, min_pixels=HPSV3_PIXELS, max_pixels=HPSV3_PIXELS):
-    """(N, 3, H, W) in [0, 1] -> Qwen2-VL `pixel_values` (N gh gw, 3 T p^2) and `image_grid_thw` (N, 3).
-
-    HPSv3 resizes with PIL bicubic to `smart_resize` (min = max pixels); the image processor then normalises
-    and cuts patches: rows run over merge x merge blocks of patches, a row is (C, T, patch, patch) with the
-    still image repeated over the T = 2 frames of a temporal patch.
-    """
-    n, c, h, w = images.shape
-    oh, ow = smart_resize(h, w, patch * merge, min_pixels, max_pixels)
-    x = _normalize(_resize(images.float(), oh, ow), OPENAI_MEAN, OPENAI_STD)  # (N, 3, oh, ow)
-    gh, gw = oh // patch, ow // patch
-    x = x.reshape(n, c, gh // merge, merge, patch, gw // merge, merge, patch).permute(0, 2, 5, 3, 6, 1, 4, 7)
-    x = x.unsqueeze(6).expand(*x.shape[:6], temporal, patch, patch)  # (N, gh/m, gw/m, m, m, C, T, p, p)
-    grid = torch.tensor([[1, gh, gw]] * n, device=images.device)  # (N, 3): frames, rows, columns of patches
-    return x.reshape(n * gh * gw, c * temporal * patch * patch), grid
 
 
 # ----------------------------------------------------------------------------- checkpoint layouts

@@ -18,6 +18,7 @@ LAYERS = [
     ["models"],  # FLUX, SD3 and toy behind one interface
     ["sampler"],  # the SDE and rollouts
     ["toy_model", "chunking", "reward_models"],
+    ["reward_inputs"],  # what reward models read: pixels and text
     ["rewards"],
     ["train_grpo", "eval"],
     ["train_chunk"],

@@ -1,15 +1,14 @@
 """reward_models.py: the open_clip key map (against the ViT-H-14 layout, and a round trip through tiny HPSv2.1
-and DFN5B checkpoints against an independent open_clip forward), and the torch preprocessing against the PIL
-processors. Nothing is downloaded; test_rewards.py builds its tiny checkpoints with the helpers here."""
+and DFN5B checkpoints against an independent open_clip forward). Nothing is downloaded; test_rewards.py and
+test_reward_inputs.py build their tiny checkpoints and tokenizers with the helpers here."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+import reward_inputs
 import reward_models
 import rewards
 from runtime import UsageError
@@ -18,8 +17,10 @@ WORDS = (
     "a an the red blue green yellow circle square triangle cat dog photo of on left right two three".split()
 )
 PROMPTS = ["a red circle", "two blue squares on the left of a green triangle", "a photo of a cat", "dog"]
-MEAN = torch.tensor(reward_models.OPENAI_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(reward_models.OPENAI_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(reward_inputs.OPENAI_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(reward_inputs.OPENAI_STD).view(1, 3, 1, 1)
+# The CLIP byte alphabet of the test tokenizer (the real one has all 256 bytes): "!" first, id 0, as there.
+SYMBOLS = list("!\"#&'(),-.:;<>?|") + list("abcdefghijklmnopqrstuvwxyz")
 # name -> (file, activation, preprocess_cfg beyond mean and std): HPSv2.1 saves {"state_dict": ...} in the
 # ViT-H-14 layout; DFN5B a bare state dict, trained with QuickGELU.
 OPEN_CLIP = {
@@ -32,20 +33,40 @@ def images(n=4, h=40, w=52, seed=0):
     return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed))  # (n, 3, h, w)
 
 
+def clip_merges():
+    """BPE merges that build each of WORDS left to right, in order (the real vocabulary has 48894)."""
+    merges = []
+    for word in WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append((parts[0], parts[1]))
+            parts = [parts[0] + parts[1], *parts[2:]]
+    return list(dict.fromkeys(merges))
+
+
 def clip_tokenizer(folder):
-    """A CLIP BPE tokenizer over a toy vocabulary; <|endoftext|> has the largest id, as in the real one
-    (49407)."""
+    """A CLIP BPE tokenizer laid out as the real one: the byte alphabet, then each symbol with </w>, then the
+    merged tokens, then <|startoftext|> and <|endoftext|> (49406, 49407 there); laion's pad token "!"."""
     from transformers import CLIPTokenizer
 
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    tokens = (
-        ["<|startoftext|>", "!"] + [w + "</w>" for w in WORDS] + list(letters) + [c + "</w>" for c in letters]
-    )
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|endoftext|>"]))}
+    merges = clip_merges()
+    tokens = SYMBOLS + [c + "</w>" for c in SYMBOLS] + ["".join(m) for m in merges]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens + ["<|startoftext|>", "<|endoftext|>"]))}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def bert_tokenizer(folder):
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("bcdefghijklmnopqrstuvwxyz")
+    (folder / "vocab.txt").write_text("\n".join(vocab))
+    tok = BertTokenizer(str(folder / "vocab.txt"))
     tok.save_pretrained(folder)
     return tok
 
@@ -117,10 +138,52 @@ def write_open_clip(folder, name):
         "vision_cfg": {"head_width": 16},
         "text_cfg": {"heads": 2},
     }
-    mean_std = dict(mean=list(reward_models.OPENAI_MEAN), std=list(reward_models.OPENAI_STD))
+    mean_std = dict(mean=list(reward_inputs.OPENAI_MEAN), std=list(reward_inputs.OPENAI_STD))
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": dict(extra, **mean_std)}
     (folder / "open_clip_config.json").write_text(json.dumps(cfg))
     return hf
+
+
+def imagereward_dir(folder):
+    """ImageReward.pt: BLIP's timm ViT names under blip.visual_encoder, med.py BERT under blip.text_encoder,
+    the head under mlp."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    torch.manual_seed(2)
+    tok = bert_tokenizer(folder)
+    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1)
+    vision = BlipVisionModel(BlipVisionConfig(**sizes, image_size=32, patch_size=16, layer_norm_eps=1e-6))
+    med = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    med |= dict(max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
+    text = BlipTextModel(
+        BlipTextConfig(**med, encoder_hidden_size=64, is_decoder=True), add_pooling_layer=False
+    )
+    (folder / "med_config.json").write_text(json.dumps(dict(med, encoder_width=64, add_cross_attention=True)))
+    names = {
+        "embeddings.class_embedding": "cls_token",
+        "embeddings.position_embedding": "pos_embed",
+        "embeddings.patch_embedding": "patch_embed.proj",
+        "post_layernorm": "norm",
+        "encoder.layers.": "blocks.",
+        "layer_norm1": "norm1",
+        "layer_norm2": "norm2",
+        "self_attn.qkv": "attn.qkv",
+        "self_attn.projection": "attn.proj",
+    }
+    sd = {}
+    for k, v in vision.state_dict().items():
+        for ours, theirs in names.items():
+            k = k.replace(ours, theirs)
+        sd["blip.visual_encoder." + k] = v
+    sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
+    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # med.py saves this buffer
+    sd["blip.vision_proj.weight"] = torch.zeros(8, 64)  # in the file, unused by the reward
+    for i, (n, o) in zip((0, 2, 4, 6, 7), ((32, 16), (16, 8), (8, 8), (8, 4), (4, 1)), strict=True):
+        sd[f"mlp.layers.{i}.weight"], sd[f"mlp.layers.{i}.bias"] = torch.randn(o, n) / n**0.5, torch.randn(o)
+    torch.save(sd, folder / "ImageReward.pt")
+    return folder
 
 
 def open_clip_cosine(sd, pixels, tokens, vision_heads, text_heads, act=F.gelu):
@@ -241,58 +304,3 @@ def test_open_clip_round_trip_reproduces_the_tiny_model(open_clip_dirs, name):
         reference = open_clip_cosine(sd.get("state_dict", sd), pixels, t.input_ids, 3, 2, act)
     torch.testing.assert_close(got, (img * txt).sum(-1), rtol=1e-5, atol=1e-5)  # round trip
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)  # open_clip's own semantics
-
-
-# ----------------------------------------------------------------------------- preprocessing vs the PIL path
-def to_pil(x):
-    return Image.fromarray((x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-
-
-@pytest.mark.parametrize("h,w", [(64, 48), (50, 70), (37, 37), (300, 200)])
-def test_preprocess_matches_pil_processors(h, w):
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    x = (images(2, h, w, seed=h) * 255).round() / 255  # exactly representable in uint8, as decoded images are
-    ref = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    want = torch.from_numpy(np.stack(ref([to_pil(i) for i in x])["pixel_values"]))
-    got = reward_models.preprocess(x, 28)
-    assert got.shape == want.shape == (2, 3, 28, 28)
-    gap = (
-        (got - want) * STD
-    ).abs()  # in [0, 1] pixel units: PIL rounds to uint8 between and after its passes
-    assert gap.max() < 1.5 / 255 and gap.mean() < 0.5 / 255
-    # HPSv2's ResizeMaxSize on a tensor (torchvision = one antialiased interpolate): long side -> 28, short
-    # side rounded, centred on black, then normalised
-    s = 28 / max(h, w)
-    oh, ow = round(h * s), round(w * s)
-    small = F.interpolate(x, size=(oh, ow), mode="bicubic", antialias=True) if (oh, ow) != (h, w) else x
-    canvas = torch.zeros(2, 3, 28, 28)
-    canvas[..., (28 - oh) // 2 : (28 - oh) // 2 + oh, (28 - ow) // 2 : (28 - ow) // 2 + ow] = small
-    torch.testing.assert_close(reward_models.preprocess(x, 28, mode="longest"), (canvas - MEAN) / STD)
-    # Qwen2-VL (HPSv3): PIL bicubic to smart_resize, then the processor normalises and cuts patches
-    qh, qw = reward_models.smart_resize(h, w, 28, 64 * 28 * 28, 64 * 28 * 28)
-    proc = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
-    ref = proc([to_pil(i).resize((qw, qh), Image.BICUBIC) for i in x], return_tensors="pt")
-    pixels, grid = reward_models.qwen2vl_pixels(x, min_pixels=64 * 28 * 28, max_pixels=64 * 28 * 28)
-    assert torch.equal(grid, ref["image_grid_thw"])
-    assert (pixels - ref["pixel_values"]).abs().max() * max(reward_models.OPENAI_STD) < 1.5 / 255
-
-
-def test_smart_resize_is_qwen2vls():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    pixels = reward_models.HPSV3_PIXELS
-    for h, w in [(1024, 1024), (512, 512), (720, 1280), (40, 52), (1000, 333), (28, 28)]:
-        assert reward_models.smart_resize(h, w) == smart_resize(h, w, 28, pixels, pixels)
-    assert reward_models.smart_resize(1024, 1024) == (
-        448,
-        448,
-    )  # 32 x 32 patches, 256 tokens after 2 x 2 merge
-
-
-def test_preprocess_is_exact_without_resampling():
-    x = images(2, 28, 28)
-    want = (x - MEAN) / STD
-    for mode in ("shortest", "longest", "squash"):
-        assert torch.equal(reward_models.preprocess(x, 28, mode=mode), want)

@@ -1,35 +1,26 @@
 """rewards.py: tiny random reward models written in each checkpoint's real on-disk format and loaded through
-the real loaders, HPSv3 against its tiny model, the weight-free rewards, the mix and the one-line errors.
-Nothing is downloaded. The key maps and the preprocessing are tested in test_reward_models.py."""
+the real loaders (folders, single files, fp32 whatever dtype), HPSv3 against a transcription of HPSv3's own
+forward, the weight-free rewards, the mix and the one-line errors, which name the files to fetch. Nothing is
+downloaded. The key maps are tested in test_reward_models.py, pixels and text in test_reward_inputs.py."""
 
 import hashlib
-import json
 import time
 
 import pytest
 import torch
 
+import reward_inputs
 import rewards
-from reward_models import qwen2vl_pixels
+from reward_inputs import hpsv3_texts, qwen2vl_pixels
+from reward_models import TOKENIZER_FILES
 from runtime import UsageError
-from test_reward_models import PROMPTS, WORDS, clip_tokenizer, images, tiny_clip, write_open_clip
+from test_reward_models import PROMPTS, clip_tokenizer, imagereward_dir, images, tiny_clip, write_open_clip
 
 CHECKPOINTED = ["pickscore", "clip", "clip_dfn", "hpsv2", "aesthetic", "imagereward", "hpsv3"]
 HPSV3_PROMPT_SHA256 = "f6ee57479d4e9eee76b49c00dc962e1e696a5a2b3cc32cebd9b1fa76fe27502c"
 
 
 # ----------------------------------------------------------------------------- tiny tokenizers, offline
-def bert_tokenizer(folder):
-    from transformers import BertTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("bcdefghijklmnopqrstuvwxyz")
-    (folder / "vocab.txt").write_text("\n".join(vocab))
-    tok = BertTokenizer(str(folder / "vocab.txt"))
-    tok.save_pretrained(folder)
-    return tok
-
-
 def qwen_tokenizer(folder):
     """Byte-level BPE (as Qwen2's) trained on HPSv3's instruction, plus Qwen2-VL's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -43,7 +34,7 @@ def qwen_tokenizer(folder):
     trainer = trainers.BpeTrainer(
         vocab_size=600, special_tokens=specials, show_progress=False, initial_alphabet=alphabet
     )
-    tok.train_from_iterator([rewards.HPSV3_INSTRUCTION, rewards.HPSV3_CHAT] + PROMPTS, trainer)
+    tok.train_from_iterator([reward_inputs.HPSV3_INSTRUCTION, reward_inputs.HPSV3_CHAT] + PROMPTS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=specials[0], additional_special_tokens=specials[1:]
     )
@@ -73,48 +64,6 @@ def dirs(tmp_path_factory):
     out["imagereward"] = imagereward_dir(root / "imagereward")
     out["hpsv3"], refs["hpsv3"] = hpsv3_dir(root / "hpsv3")
     return out, refs
-
-
-def imagereward_dir(folder):
-    """ImageReward.pt: BLIP's timm ViT names under blip.visual_encoder, med.py BERT under blip.text_encoder,
-    the head under mlp."""
-    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
-
-    torch.manual_seed(2)
-    tok = bert_tokenizer(folder)
-    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1)
-    vision = BlipVisionModel(BlipVisionConfig(**sizes, image_size=32, patch_size=16, layer_norm_eps=1e-6))
-    med = dict(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
-    )
-    med |= dict(max_position_embeddings=40, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
-    text = BlipTextModel(
-        BlipTextConfig(**med, encoder_hidden_size=64, is_decoder=True), add_pooling_layer=False
-    )
-    (folder / "med_config.json").write_text(json.dumps(dict(med, encoder_width=64, add_cross_attention=True)))
-    names = {
-        "embeddings.class_embedding": "cls_token",
-        "embeddings.position_embedding": "pos_embed",
-        "embeddings.patch_embedding": "patch_embed.proj",
-        "post_layernorm": "norm",
-        "encoder.layers.": "blocks.",
-        "layer_norm1": "norm1",
-        "layer_norm2": "norm2",
-        "self_attn.qkv": "attn.qkv",
-        "self_attn.projection": "attn.proj",
-    }
-    sd = {}
-    for k, v in vision.state_dict().items():
-        for ours, theirs in names.items():
-            k = k.replace(ours, theirs)
-        sd["blip.visual_encoder." + k] = v
-    sd.update({"blip.text_encoder." + k: v for k, v in text.state_dict().items()})
-    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]  # med.py saves this buffer
-    sd["blip.vision_proj.weight"] = torch.zeros(8, 64)  # in the file, unused by the reward
-    for i, (n, o) in zip((0, 2, 4, 6, 7), ((32, 16), (16, 8), (8, 8), (8, 4), (4, 1)), strict=True):
-        sd[f"mlp.layers.{i}.weight"], sd[f"mlp.layers.{i}.bias"] = torch.randn(o, n) / n**0.5, torch.randn(o)
-    torch.save(sd, folder / "ImageReward.pt")
-    return folder
 
 
 def hpsv3_dir(folder):
@@ -166,6 +115,31 @@ def test_reward_loads_tiny_checkpoint_and_scores_batches(dirs, name):
     pairs = torch.cat([fn(x[i : i + 2], PROMPTS[i : i + 2]) for i in (0, 2)])
     torch.testing.assert_close(singles, scores, rtol=1e-5, atol=1e-5)  # independent of batch size and padding
     torch.testing.assert_close(pairs, scores, rtol=1e-5, atol=1e-5)
+    # fp32 whatever dtype the trainer passes, except HPSv3, which runs in it: as their official code does
+    bf16 = rewards.REWARDS[name](str(dirs[0][name]), dtype=torch.bfloat16)(x, PROMPTS)
+    assert torch.equal(bf16, scores) == (name != "hpsv3")
+
+
+def test_single_files_and_laions_aesthetic_name_load_as_folders(dirs, tmp_path):
+    folder, x = dirs[0], images()
+    files = {
+        "hpsv3": "HPSv3.safetensors",
+        "hpsv2": "HPS_v2.1_compressed.pt",
+        "clip_dfn": "open_clip_pytorch_model.bin",
+        "imagereward": "ImageReward.pt",
+    }
+    for name, file in files.items():
+        fn = rewards.REWARDS[name]
+        assert torch.equal(fn(str(folder[name] / file))(x, PROMPTS), fn(str(folder[name]))(x, PROMPTS)), name
+    # LAION's own file name for the aesthetic head (improved-aesthetic-predictor), beside the CLIP it reads
+    for f in folder["aesthetic"].iterdir():
+        laion = "sac+logos+ava1-l14-linearMSE.pth" if f.name == "aesthetic-model.pth" else f.name
+        (tmp_path / laion).symlink_to(f)
+    want = rewards.aesthetic(str(folder["aesthetic"]))(x, PROMPTS)
+    assert torch.equal(rewards.aesthetic(str(tmp_path))(x, PROMPTS), want)
+    assert torch.equal(
+        rewards.aesthetic(str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"))(x, PROMPTS), want
+    )
 
 
 def test_pickscore_is_logit_scaled_clip_cosine(dirs):
@@ -175,36 +149,49 @@ def test_pickscore_is_logit_scaled_clip_cosine(dirs):
     torch.testing.assert_close(pick(x, PROMPTS), refs["clip"].logit_scale.exp().item() * clip(x, PROMPTS))
 
 
-def test_hpsv3_loader_reproduces_the_tiny_model(dirs):
+def hpsv3_reference(model, head, tok, x, prompts, mrope=False):
+    """HPSv3's reward as its inferencer computes it (MizzenAI/HPSv3, hpsv3/inference.py and
+    hpsv3/model/qwen2vl_trainer.py, Qwen2VLRewardModelBT.forward) on a right-padded batch: the image features
+    replace the <|image_pad|> embeddings, the language model runs with position_ids=None, which transformers
+    4.45 (modeling_qwen2_vl.py, Qwen2VLModel.forward) makes arange(L) in all three M-RoPE sections (the 5.x
+    text model too), and the fp32 head reads the state at <|Reward|>. mrope=True: 5.x's 3-D positions."""
+    pixels, grid = qwen2vl_pixels(x)
+    t = tok(hpsv3_texts(prompts, int(grid[0].prod()) // 4), padding=True, return_tensors="pt")
+    image_tokens = t.input_ids == model.config.image_token_id  # (N, L)
+    with torch.no_grad():
+        if mrope:  # what rewards.hpsv3 did before: 5.x builds M-RoPE positions from the image grid
+            mm = dict(image_grid_thw=grid, mm_token_type_ids=image_tokens.int())
+            out = model(input_ids=t.input_ids, attention_mask=t.attention_mask, pixel_values=pixels, **mm)
+            hidden = out.last_hidden_state
+        else:
+            embeds = model.language_model.embed_tokens(t.input_ids)  # (N, L, D)
+            image = model.visual(pixels, grid_thw=grid).pooler_output  # (N * 256, D)
+            embeds = embeds.masked_scatter(image_tokens[..., None].expand_as(embeds), image)
+            lm = model.language_model(
+                inputs_embeds=embeds, attention_mask=t.attention_mask, position_ids=None
+            )
+            hidden = lm.last_hidden_state  # (N, L, D)
+        return head(hidden[t.input_ids == tok.convert_tokens_to_ids("<|Reward|>")].float())[:, 0]  # (N,)
+
+
+def test_hpsv3_scores_as_hpsv3s_own_forward(dirs):
     from transformers import AutoTokenizer
 
     folder, refs = dirs
     model, head = refs["hpsv3"]
-    tok = AutoTokenizer.from_pretrained(folder["hpsv3"])
+    tok = AutoTokenizer.from_pretrained(folder["hpsv3"], padding_side="right")
     tok.add_tokens(["<|Reward|>"], special_tokens=True)
-    x = images(2)
-    pixels, grid = qwen2vl_pixels(x)
-    mu = []
-    for i, p in enumerate(PROMPTS[:2]):  # one at a time: no padding at all
-        pads = "<|image_pad|>" * (int(grid[i].prod()) // 4)
-        text = rewards.HPSV3_CHAT.format(image=pads, text=rewards.HPSV3_INSTRUCTION.format(text_prompt=p))
-        ids = tok(text, return_tensors="pt").input_ids
-        rows = slice(i * int(grid[i].prod()), (i + 1) * int(grid[i].prod()))
-        image_tokens = (ids == model.config.image_token_id).int()
-        with torch.no_grad():
-            out = model(
-                input_ids=ids,
-                pixel_values=pixels[rows],
-                image_grid_thw=grid[i : i + 1],
-                mm_token_type_ids=image_tokens,
-            )
-            mu.append(head(out.last_hidden_state[0, ids[0].tolist().index(len(tok) - 1)])[0])
-    torch.testing.assert_close(rewards.hpsv3(str(folder["hpsv3"]))(x, PROMPTS[:2]), torch.stack(mu))
+    x, prompts = images(4), PROMPTS[::-1]  # prompts of different lengths: right padding in the batch
+    want = hpsv3_reference(model, head, tok, x, prompts)
+    got = rewards.hpsv3(str(folder["hpsv3"]))(x, prompts)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the test can tell: 3-D image positions (what rewards.hpsv3 scored with before) are ~6e-5 away here
+    assert (hpsv3_reference(model, head, tok, x, prompts, mrope=True) - want).abs().max() > 2e-5
 
 
 def test_hpsv3_prompt_is_the_published_one():
     # sha256 of HPSv3's INSTRUCTION + prompt_with_special_token (hpsv3/dataset/data_collator_qwen.py)
-    text = rewards.HPSV3_INSTRUCTION
+    text = reward_inputs.HPSV3_INSTRUCTION
     assert text.count("<|Reward|>") == 1 and text.count("{text_prompt}") == 1
     assert hashlib.sha256(text.encode()).hexdigest() == HPSV3_PROMPT_SHA256
 
@@ -241,6 +228,16 @@ def one_line(excinfo):
     return msg
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No hub and an empty Hugging Face cache (returned): whatever a folder lacks cannot be found."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    return tmp_path / "hf_cache"
+
+
 @pytest.mark.parametrize(
     "name,file",
     [
@@ -252,24 +249,49 @@ def one_line(excinfo):
         ("clip_dfn", "open_clip_pytorch_model.bin"),
     ],
 )
-def test_missing_weights_name_file_place_and_flag(tmp_path, name, file):
+def test_missing_weights_name_file_place_and_flag(tmp_path, offline, name, file):
     with pytest.raises(UsageError) as e:
         rewards.build_reward([name], paths=[f"{name}={tmp_path}"])
     msg = one_line(e)
-    assert file in msg and str(tmp_path) in msg and f"--reward-path {name}=DIR" in msg
+    assert file in msg and str(tmp_path) in msg and f"--reward-path {name}=DIR" in msg and "=FILE" in msg
 
 
-def test_missing_hub_checkpoint_fails_fast_offline(tmp_path, monkeypatch):
-    from huggingface_hub import constants
+def test_weights_only_folder_names_the_small_files_to_add(dirs, tmp_path, offline):
+    (tmp_path / "HPSv3.safetensors").symlink_to(dirs[0]["hpsv3"] / "HPSv3.safetensors")
+    qwen = "hf download Qwen/Qwen2-VL-7B-Instruct"
+    for missing, get in [("config.json", "config.json"), ("tokenizer", " ".join(TOKENIZER_FILES))]:
+        with pytest.raises(UsageError) as e:
+            rewards.hpsv3(str(tmp_path / "HPSv3.safetensors"))  # NAME=FILE: its folder is DIR
+        msg = one_line(e)
+        assert missing in msg and f"`{qwen} {get} --local-dir {tmp_path}`" in msg, msg
+        if missing == "config.json":  # the config is found first, then the tokenizer, then the weights read
+            (tmp_path / "config.json").symlink_to(dirs[0]["hpsv3"] / "config.json")
+    (tmp_path / "HPS_v2.1_compressed.pt").symlink_to(dirs[0]["hpsv2"] / "HPS_v2.1_compressed.pt")
+    with pytest.raises(UsageError) as e:
+        rewards.hpsv2(str(tmp_path))
+    assert f"laion/CLIP-ViT-H-14-laion2B-s32B-b79K {' '.join(TOKENIZER_FILES)}" in one_line(e)
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+
+def test_missing_hub_checkpoint_fails_fast_offline(offline):
     start = time.perf_counter()
     with pytest.raises(UsageError) as e:
         rewards.hpsv2()
     msg = one_line(e)
-    assert time.perf_counter() - start < 5 and "xswu/HPSv2" in msg and "HPS_v2.1_compressed.pt" in msg
+    assert time.perf_counter() - start < 5 and "`hf download xswu/HPSv2 HPS_v2.1_compressed.pt`" in msg
     assert "offline" in msg and "--reward-path hpsv2=DIR" in msg
+
+
+def test_cached_hpsv3_without_qwen_config_names_only_the_config(dirs, offline):
+    # HPSv3.safetensors in the HF cache (its layout: refs/main -> snapshots/<commit>/file), Qwen2-VL not
+    repo, commit = offline / "models--MizzenAI--HPSv3", "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "HPSv3.safetensors").symlink_to(dirs[0]["hpsv3"] / "HPSv3.safetensors")
+    with pytest.raises(UsageError) as e:
+        rewards.hpsv3()
+    msg = one_line(e)  # the config's one file, not the 16 GB repo
+    assert "Qwen2-VL config" in msg and "(`hf download Qwen/Qwen2-VL-7B-Instruct config.json`)" in msg
 
 
 @pytest.mark.parametrize(
@@ -279,7 +301,7 @@ def test_missing_hub_checkpoint_fails_fast_offline(tmp_path, monkeypatch):
         (["clip:lots"], None, "weight after ':' must be a finite number"),
         (["clip", "clip:2"], None, "give each reward once"),
         ([], None, "give each reward once"),
-        (["toy"], ["toy"], "takes NAME=DIR"),
+        (["toy"], ["toy"], "takes NAME=DIR or NAME=FILE"),
         (["toy"], ["clip=/x"], "names clip, which is not among"),
     ],
 )
