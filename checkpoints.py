@@ -1,9 +1,10 @@
 """
 A run's folder on disk, and resuming a run without going wrong quietly. Of the project it imports only
-runtime.py.
+runtime.py and lora.py.
 
     RUN/metrics.jsonl                        one JSON object per iteration, appended by rank 0
     RUN/checkpoints/iter_XXXXX/transformer/  the policy in diffusers format (from_pretrained loads it)
+    RUN/checkpoints/iter_XXXXX/lora/         instead, a LoRA run's adapter (load_lora_weights loads it)
     RUN/checkpoints/iter_XXXXX/trainer.pt    optimizer, every rank's RNG state, iteration, args (weights_only)
 
 A new run refuses a folder that already holds one (pass --resume or a new --output-dir). A checkpoint is
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import lora
 from runtime import UsageError, gather_objects, print0, writable_dir
 
 # The flags that define a run, with the chunk flags (CHUNK_FIELDS); all others may change on --resume: run
@@ -31,7 +33,7 @@ from runtime import UsageError, gather_objects, print0, writable_dir
 # command line replace the restored ones.
 RUN_FIELDS = (
     "model prompts reward height width guidance_scale num_steps shift sde_mode eta prompts_per_rank "
-    "num_generations init_same_noise timestep_fraction seed"
+    "num_generations init_same_noise timestep_fraction seed lora_rank lora_alpha lora_targets"
 ).split()
 OPTIMIZER_FIELDS = ("learning_rate", "adam_betas", "weight_decay")
 
@@ -103,17 +105,27 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise UsageError(f"iteration {iteration}: the weights hold NaN or infinity; they were not saved")
-    # Collective: every rank takes part in gathering the full (unsharded) state on CPU.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(policy, optimizer, options=options)
+    # Collective: every rank takes part in gathering the full (unsharded) state on CPU. A LoRA run is not
+    # sharded: its ranks hold the same adapter and optimizer (checked), so rank 0's are the run's.
+    adapter = lora.has_adapter(policy)
+    if adapter and dist.is_initialized():
+        lora.check_same_on_ranks([p for p in policy.parameters() if p.requires_grad])
+    if adapter:
+        model_sd, optim_sd = None, optimizer.state_dict()
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(policy, optimizer, options=options)
     rng_states = gather_objects(torch.get_rng_state())  # one per rank: each draws its own prompts' noise
     if rank == 0:
         final = Path(args.output_dir, "checkpoints", f"iter_{iteration:05d}")
         tmp, stale = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_config(tmp / "transformer")
         pattern = "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
-        save_torch_state_dict(model_sd, tmp / "transformer", filename_pattern=pattern)
+        if adapter:
+            lora.save_adapter(policy, tmp / "lora")
+        else:
+            policy.save_config(tmp / "transformer")
+            save_torch_state_dict(model_sd, tmp / "transformer", filename_pattern=pattern)
         run_args = {k: plain(v) for k, v in asdict(args).items()}
         trainer = {"optimizer": optim_sd, "rng": rng_states, "iteration": iteration, "args": run_args}
         torch.save(trainer, tmp / "trainer.pt")
@@ -127,23 +139,28 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
         dist.barrier()
 
 
-def read_checkpoint(path):
-    """(weights, trainer state) of a checkpoint folder; Unreadable if a file is missing or truncated."""
+def read_weights(path):
+    """The weights of a checkpoint folder: a LoRA run's adapter (lora/, in peft's keys) or the transformer."""
     from safetensors.torch import load_file
 
+    if (path / "lora").is_dir():
+        return lora.read_adapter(path / "lora")
     folder = path / "transformer"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"  # present when the weights are sharded
+    json.loads((folder / "config.json").read_text())
+    if index.exists():
+        files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def read_checkpoint(path):
+    """(weights, trainer state) of a checkpoint folder; Unreadable if a file is missing or truncated."""
     try:
-        json.loads((folder / "config.json").read_text())
-        if index.exists():
-            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        else:
-            files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no safetensors weights in {folder}")
-        model_sd = {}
-        for f in files:
-            model_sd.update(load_file(f))
+        model_sd = read_weights(path)
         state = torch.load(path / "trainer.pt", weights_only=True)
         missing = {"optimizer", "rng", "iteration", "args"} - set(state)
         if missing:
@@ -199,7 +216,8 @@ def changed_flags(saved: dict, now: dict, fields) -> list[str]:
 def weight_mismatch(saved: dict, policy) -> list[str]:
     """The checkpoint's weights against the policy's, by key and shape: the first of each kind of
     difference."""
-    expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}  # DTensors: the full shape
+    ours = lora.adapter_state(policy) if lora.has_adapter(policy) else policy.state_dict()
+    expected = {k: tuple(v.shape) for k, v in ours.items()}  # DTensors: the full shape
     got = {k: tuple(v.shape) for k, v in saved.items()}
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
@@ -219,7 +237,8 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
     now = {k: plain(v) for k, v in asdict(args).items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     chunk_fields = sorted(f for f in {**state["args"], **now} if f.startswith("chunk_") or f == "num_chunks")
-    changed = changed_flags(state["args"], now, RUN_FIELDS + chunk_fields)
+    saved = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), **state["args"]}  # saved before LoRA
+    changed = changed_flags(saved, now, RUN_FIELDS + chunk_fields)
     if len(state["rng"]) != world:
         changed.append(f"world size {len(state['rng'])} -> {world}")
     if changed:
@@ -233,9 +252,15 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
             f"{path} does not hold this policy's weights: {'; '.join(mismatch)}; "
             f"was it saved from another --model?"
         )
-    options = StateDictOptions(full_state_dict=True)
-    sd = dict(model_state_dict=model_sd, optim_state_dict=state["optimizer"])
-    set_state_dict(policy, optimizer, **sd, options=options)
+    if lora.has_adapter(policy):  # not sharded: the adapter and the optimizer load as they are
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, model_sd)
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        options = StateDictOptions(full_state_dict=True)
+        sd = dict(model_state_dict=model_sd, optim_state_dict=state["optimizer"])
+        set_state_dict(policy, optimizer, **sd, options=options)
     torch.set_rng_state(state["rng"][rank])
     for group in optimizer.param_groups:
         group.update(lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)

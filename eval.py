@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+import lora
 import recipes
 import toy
 from checkpoints import checkpoints
@@ -63,8 +64,8 @@ class Args:
     """the base model: FLUX or SD3 pipeline (hub id or local diffusers folder), or `toy`; it also supplies the
     text encoders and VAE of every trained model"""
     checkpoints: tuple[str, ...] = ()
-    """trained models, each a checkpoint folder (RUN/checkpoints/iter_XXXXX), its transformer/ subfolder, or a
-    run folder (its newest checkpoint); `label=path` names the row"""
+    """trained models, each a checkpoint folder (RUN/checkpoints/iter_XXXXX), its transformer/ (a LoRA run's:
+    lora/, evaluated as base + adapter) subfolder, or a run folder (its newest); `label=path` names the row"""
     hybrid_steps: tuple[int, ...] = ()
     """for each k, one more row per checkpoint: the trained model takes the first k steps, the base model the
     rest (GCPO: 30 of 50)"""
@@ -121,15 +122,19 @@ def parse_args(argv=None) -> Args:
 
 # ----------------------------------------------------------------------------- inputs
 def resolve_checkpoint(spec: str) -> tuple[str, Path]:
-    """`[label=]path` -> (label, transformer folder), from a checkpoint, its transformer/, or a run folder."""
+    """`[label=]path` -> (label, transformer or LoRA folder), from a checkpoint, its transformer/ or lora/, or
+    a run folder."""
     label, path = spec.split("=", 1) if "=" in spec else (spec, spec)
     path = Path(path)
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / lora.WEIGHTS).is_file():
         return label, path
+    if (path / "lora" / lora.WEIGHTS).is_file():  # a LoRA run's: base + adapter
+        return label, path / "lora"
     if (path / "transformer" / "config.json").is_file():
         return label, path / "transformer"
     if runs := checkpoints(path):
-        return (label if "=" in spec else f"{spec.rstrip('/')}/{runs[-1].name}"), runs[-1] / "transformer"
+        folder = runs[-1] / ("lora" if (runs[-1] / "lora").is_dir() else "transformer")
+        return (label if "=" in spec else f"{spec.rstrip('/')}/{runs[-1].name}"), folder
     raise UsageError(
         f"no checkpoint at {str(path)!r}: pass RUN/checkpoints/iter_XXXXX, its transformer/ folder, or a "
         f"run folder holding checkpoints/ (train_grpo.py / train_chunk.py --output-dir)"

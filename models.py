@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import lora
 from runtime import UsageError
 
 TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy"
@@ -158,7 +159,12 @@ def load_toy(path, *, device="cpu", dtype=torch.float32) -> FlowModel:
 
 
 def load_transformer(model: FlowModel, folder):
-    """A trained transformer (a checkpoint's `transformer/`) of the same class as model's, on its device."""
+    """A trained transformer (a checkpoint's `transformer/`) of the same class as model's, on its device; or,
+    from a LoRA run's `lora/`, a copy of model's with the adapter on (as much memory as a full one)."""
+    if Path(folder, lora.WEIGHTS).is_file():
+        trained = copy.deepcopy(model.transformer)
+        lora.load_adapter(trained, folder)
+        return trained.eval()
     if not Path(folder, "config.json").is_file():
         raise UsageError(
             f"no trained transformer in {str(folder)!r} (expected config.json and safetensors weights, "

@@ -62,8 +62,10 @@ def print0(*args, **kwargs):
 # flags of every script accept; `check_flags` tests the ones a script's Args has, right after parsing, so that
 # a bad value ends with one line before anything loads. A tuple flag is checked per item.
 FLAG_RULES = {
-    "> 0": ("learning_rate", "lr", "eta", "clip_range", "adv_clip_max", "max_grad_norm", "shift", "timeout"),
-    ">= 0": ("weight_decay", "beta", "slas_gamma", "guidance_scale", "seed", "image_every", "grid_prompts"),
+    "> 0": ("learning_rate", "lr", "eta", "clip_range", "adv_clip_max", "max_grad_norm", "shift", "timeout")
+    + ("lora_alpha",),
+    ">= 0": ("weight_decay", "beta", "slas_gamma", "guidance_scale", "seed", "image_every", "grid_prompts")
+    + ("lora_rank",),
     "in (0, 1]": ("timestep_fraction", "chunk_fraction"),
     "in [0, 1)": ("adam_betas", "ema"),
     ">= 1": (
@@ -117,6 +119,8 @@ def check_flags(args):
             if any(v is not None and not obeys(v, rule) for v in items):
                 shown = " ".join(map(str, items))
                 raise UsageError(f"--{name.replace('_', '-')} {shown}: must be {rule}")
+    if getattr(args, "lora_rank", None) == 0 and (args.lora_alpha is not None or args.lora_targets):
+        raise UsageError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (R > 0)")
     device = getattr(args, "device", "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}, but this machine has no CUDA device; use --device cpu")

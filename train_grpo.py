@@ -3,6 +3,7 @@ Step-level GRPO for flow matching (DanceGRPO / Flow-GRPO), and the training loop
 
     python train_grpo.py --preset toy                        # 1 CPU: the toy world, minutes
     python train_grpo.py --num-iterations 150                # 1 GPU: GCPO's DanceGRPO baseline on FLUX.1-dev
+    python train_grpo.py --preset sd35 --lora-rank 32        # 1 GPU: a LoRA on a frozen SD3.5-M (lora.py)
     torchrun --nproc_per_node 8 train_grpo.py                # 8 GPUs: the paper's recipe, 192 trajectories
     torchrun --nproc_per_node 8 train_grpo.py --preset sd35  # Flow-GRPO's SD3.5-M recipe
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_grpo.py
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import lora
 import recipes
 from checkpoints import Logger, check_output_dir, checkpoints, resume, save_checkpoint
 from chunking import num_selected
@@ -119,6 +121,13 @@ class Args:
     """trajectories per optimizer step on each rank (GCPO: 12, so 2 optimizer steps per iteration)"""
     num_iterations: int = 150
     """sample-then-train iterations"""
+    # --- LoRA ---
+    lora_rank: int = 0
+    """0: full fine-tuning (GCPO); r > 0: train only a rank-r LoRA adapter on a frozen base (lora.py)"""
+    lora_alpha: float | None = None
+    """LoRA scale alpha (the update is alpha / r B A); default 2 x rank, Flow-GRPO's 64 for rank 32"""
+    lora_targets: tuple[str, ...] = ()
+    """module names (suffixes) given an adapter; default: every attention projection (lora.DEFAULT_TARGETS)"""
     # --- system ---
     seed: int = 0
     """base seed: the same weights on every rank; noise and prompts get a per-rank, per-iteration offset"""
@@ -192,7 +201,7 @@ class Learner:
     """What an objective needs: the policy (model.transformer, sharded under torchrun) and the reference."""
 
     model: object
-    ref: torch.nn.Module | None
+    ref: object  # the frozen reference transformer (a LoRA run's: its adapter off), or None without --beta
     args: Args
     kept: torch.Tensor | None = None  # (N,) 1.0, or 0.0 for a trajectory dropped for its non-finite reward
 
@@ -303,23 +312,29 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
     torch.manual_seed(args.seed)  # identical weights on every rank (also true of a loaded checkpoint)
     size = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
     model = load_model(args.model, device=device, dtype=half, **size)
-    # fp32 master weights; on CUDA the forward runs in bf16 under autocast
-    policy = model.transformer.float().requires_grad_(True)
+    # fp32 master weights; on CUDA the forward runs in bf16 under autocast. LoRA: a frozen base in `half`.
+    policy = model.transformer if args.lora_rank else model.transformer.float().requires_grad_(True)
+    if args.lora_rank:
+        lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets)
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    ref = deepcopy(policy).requires_grad_(False).eval() if args.beta > 0 else None
-    if dist.is_initialized():
+    ref = None  # the frozen reference of the KL term; a LoRA run's is its own base, the adapter off
+    if args.beta > 0:
+        ref = lora.AdapterOff(policy) if args.lora_rank else deepcopy(policy).requires_grad_(False).eval()
+    if dist.is_initialized() and not args.lora_rank:  # LoRA: every rank holds the whole frozen base
         shard(policy, device)
         if ref is not None:
             shard(ref, device)
+    params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: all, or the adapter's
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(policy.parameters(), **adamw)
+    optimizer = torch.optim.AdamW(params, **adamw)
     learner = Learner(model, ref, args)
     start = resume(policy, optimizer, args, rank) if args.resume else 0
     logger = Logger(args if rank == 0 else None, start)
     B, G, accumulation = args.prompts_per_rank, args.num_generations, args.gradient_accumulation_steps
     print0(f"trajectories per iteration: {world} ranks x {B} prompts x {G} images = {world * n_local}")
     print0(f"optimizer steps per iteration: {n_local // accumulation} (of {accumulation} trajectories each)")
+    print0(f"trained parameters: {sum(p.numel() for p in params):,} ({'LoRA' if args.lora_rank else 'all'})")
     print0("\n".join(totals))
     print0(f"policy: {args.sde_mode} SDE, eta {args.eta:g}, clip {args.clip_range:g}, {args.schedule} sigmas")
     print0(f"starting at iteration {start} of {args.num_iterations}")
@@ -359,7 +374,9 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
             scale = 1.0 / max(int(learner.kept[rows].sum()), 1)  # the mean over the trajectories kept
             ratio, extra = objective(learner, traj, adv, rows, scale, gen)
             ratios.append(ratio)
-            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            if args.lora_rank and dist.is_initialized():  # FSDP averages a full run's gradients
+                lora.average_gradients(params)
+            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2, the same on every rank
                 norm = norm.full_tensor()
             if not torch.isfinite(norm):  # a non-finite loss or gradient: skip the step, keep the weights
