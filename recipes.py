@@ -35,9 +35,9 @@ TRAIN = {
     # Flow-GRPO's SD3.5-M PickScore recipe (github yifan123/flow_grpo, config/grpo.py `pickscore_sd3` over
     # config/base.py): 10 steps of the pipeline scheduler's own sigmas, all 9 trainable steps trained (its
     # timestep_fraction 0.99 of 10 steps), 48 prompts x 24 images an epoch (here 8 GPUs x 6 prompts), two
-    # optimizer steps of it, batch std, no shared noise, clip 1e-4, KL beta 0.01, grad norm 1.0. Differences:
-    # a full fine-tune at lr 1e-5 where Flow-GRPO trains LoRA r 32 / alpha 64 at lr 3e-4; bf16 compute where
-    # it uses fp16; no EMA of the weights (Flow-GRPO keeps one for evaluation, not for sampling).
+    # optimizer steps of it, batch std, no shared noise, clip 1e-4, KL beta 0.01, grad norm 1.0, LoRA r 32 /
+    # alpha 64 (scripts/train_sd3.py) at lr 3e-4. Differences: bf16 compute where it uses fp16; no EMA of the
+    # weights (Flow-GRPO keeps one for evaluation, not for sampling).
     "sd35": dict(
         model="stabilityai/stable-diffusion-3.5-medium",
         prompts="pickscore_train.txt",
@@ -55,7 +55,9 @@ TRAIN = {
         clip_range=1e-4,
         adv_std="batch",
         beta=0.01,
-        learning_rate=1e-5,
+        lora_rank=32,
+        lora_alpha=64,
+        learning_rate=3e-4,
         max_grad_norm=1.0,
         gradient_accumulation_steps=72,
         output_dir="runs/sd35-grpo",
@@ -77,6 +79,12 @@ TRAIN = {
         output_dir="runs/dance-grpo",
     ),
 }
+# DanceGRPO's FLUX LoRA recipe (scripts/finetune/finetune_flux_grpo_8gpus_lora.sh, read through a public
+# adaptation that lists its own changes): the dance recipe with 12 steps, LoRA rank 128 / alpha 256, lr 3e-4.
+# One GPU runs one rank's share of it, 24 trajectories an iteration (`--prompts-per-rank 16` for all 192).
+TRAIN["dance-lora"] = TRAIN["dance"] | dict(
+    num_steps=12, lora_rank=128, lora_alpha=256, learning_rate=3e-4, output_dir="runs/dance-lora-grpo"
+)
 
 # train_chunk.py: the same recipes; the toy one cuts the toy model's own L1rel curve (64 held-out prompts,
 # `python chunking.py --output-dir assets/toy`) into 4 chunks with the `curve` rule.
