@@ -120,11 +120,13 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
         final = Path(args.output_dir, "checkpoints", f"iter_{iteration:05d}")
         tmp, stale = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        pattern = "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
         if adapter:
             lora.save_adapter(policy, tmp / "lora")
         else:
             policy.save_config(tmp / "transformer")
+            pattern = (
+                "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
+            )
             save_torch_state_dict(model_sd, tmp / "transformer", filename_pattern=pattern)
         run_args = {k: plain(v) for k, v in asdict(args).items()}
         trainer = {"optimizer": optim_sd, "rng": rng_states, "iteration": iteration, "args": run_args}
@@ -147,7 +149,7 @@ def read_weights(path):
         return lora.read_adapter(path / "lora")
     folder = path / "transformer"
     index = folder / "diffusion_pytorch_model.safetensors.index.json"  # present when the weights are sharded
-    json.loads((folder / "config.json").read_text())
+    json.loads((folder / "config.json").read_text())  # a missing or truncated config: Unreadable, below
     if index.exists():
         files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     else:

@@ -24,7 +24,7 @@ with probability proportional to the chunk's mean L1rel; only the selection chan
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Literal
@@ -34,7 +34,7 @@ import torch
 from models import load_model
 from report import plot_curve
 from runtime import PromptSource, UsageError, print0, run, writable_dir
-from sampler import rollout
+from sampler import noise_level, rollout
 
 RECIPE_SIZES = [2, 3, 4, 7]  # GCPO's released FLUX layout over T = 16 trainable steps (17 sampled)
 
@@ -64,8 +64,8 @@ class Args:
     """resolution shift of the sigma schedule"""
     sde_mode: Literal["flow", "dance", "cps", "ode"] = "flow"
     """the sampler measured: flow, dance or cps (as in train_grpo.py), or the deterministic ode"""
-    eta: float = 0.7
-    """noise level of the SDE"""
+    eta: float | None = None
+    """noise level of the SDE; default by mode: flow 0.7, dance 0.3, cps 0.7"""
     seed: int = 0
     """seed of every trajectory's noise (the prompts are a fixed list)"""
     rollout_batch_size: int | None = None
@@ -299,6 +299,7 @@ def select_chunks(weights, fraction: float, *, method="normalized", generator=No
 
 # ----------------------------------------------------------------------------- measuring a model's curve
 def main(args: Args):
+    args = replace(args, eta=noise_level(args.sde_mode, args.eta))
     T = args.num_steps - 1
     validate(args.sizes, T)  # fail before sampling, not after
     source = PromptSource(args.prompts, toy_split="heldout")

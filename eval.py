@@ -52,7 +52,7 @@ from runtime import (
     setup_distributed,
     writable_dir,
 )
-from sampler import DEFAULT_ETA, rollout
+from sampler import noise_level, rollout
 
 
 @dataclass
@@ -160,14 +160,14 @@ def hybrid_schedule(trained, base, k: int, num_steps: int) -> list:
 
 
 def sample(
-    model, transformers, prompts, indices, *, seed=0, num_generations=1, sde_mode="ode", eta=0.7, **sigmas
+    model, transformers, prompts, indices, *, seed=0, num_generations=1, sde_mode="ode", eta=0.7, **schedule
 ):
     """Images (N, 3, H, W), N = len(prompts) * G, of `prompts` (global indices `indices`); step i runs
     transformers[i]. sampler.rollout is the one sampling loop; eval keys each prompt's noise by its index in
-    the prompt set, so the noise of prompt p is the same whichever model, rank or batch samples it. `sigmas`:
-    the schedule, `shift=` or `sigmas=` as rollout takes them."""
+    the prompt set, so the noise of prompt p is the same whichever model, rank or batch samples it.
+    `schedule`: `shift=` or `sigmas=`, as rollout takes them."""
     prompt_seeds = [seed_for(seed, p) for p in indices]
-    sampling = dict(num_steps=len(transformers), mode=sde_mode, eta=eta, **sigmas)
+    sampling = dict(num_steps=len(transformers), mode=sde_mode, eta=eta, **schedule)
     traj = rollout(
         model,
         prompts,
@@ -264,7 +264,7 @@ def write_report(records, tiles, labels, prompts, args: Args) -> str:
 
 
 def main(args: Args):
-    args = replace(args, eta=DEFAULT_ETA[args.sde_mode] if args.eta is None else args.eta)
+    args = replace(args, eta=noise_level(args.sde_mode, args.eta))
     device, rank, world = setup_distributed(args)
     # Everything a user can get wrong fails here, before a model is loaded.
     ckpts = [resolve_checkpoint(c) for c in args.checkpoints]

@@ -231,7 +231,7 @@ class PromptSource:
     TOY_LIST_SIZE = 250  # the toy list's length when none is asked for
 
     def __init__(self, spec: str, toy_split: str = "train"):
-        self.spec, self.lines = spec, None
+        self.lines = None
         if spec in ("toy", "toy:train", "toy:heldout"):
             self.split = toy_split if spec == "toy" else spec.split(":")[1]
             return

@@ -29,6 +29,11 @@ SDE_MODES = ("flow", "dance", "cps", "ode")
 DEFAULT_ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7, "ode": 0.0}  # Flow-GRPO, DanceGRPO, Flow-GRPO's CPS
 
 
+def noise_level(mode: str, eta: float | None) -> float:
+    """eta as given, or, when unset, the noise level of the mode's own recipe (DEFAULT_ETA)."""
+    return DEFAULT_ETA[mode] if eta is None else eta
+
+
 def sigma_schedule(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     """linspace(1, 0, N+1) under the resolution shift s -> shift s / (1 + (shift - 1) s), as SD3 and GCPO."""
     if num_steps < 2:

@@ -52,7 +52,7 @@ from runtime import (
     setup_distributed,
     shard,
 )
-from sampler import DEFAULT_ETA, rollout, sde_mean_std, sde_step
+from sampler import noise_level, rollout, sde_mean_std, sde_step
 
 
 @dataclass
@@ -278,7 +278,7 @@ def describe_steps(args, T):
 def mode_defaults(args: Args) -> Args:
     """args with the SDE's noise level and the clip range of the mode's own recipe where they were left unset:
     Flow-GRPO / GCPO (flow: 0.7, 5e-5), DanceGRPO (dance: 0.3, 1e-4), Flow-GRPO's CPS (cps: 0.7, 1e-5)."""
-    eta = DEFAULT_ETA[args.sde_mode] if args.eta is None else args.eta
+    eta = noise_level(args.sde_mode, args.eta)
     clip = (
         {"flow": 5e-5, "dance": 1e-4, "cps": 1e-5}[args.sde_mode]
         if args.clip_range is None
