@@ -32,8 +32,9 @@ from typing import Literal
 import torch
 
 from models import load_model
+from prompts import PromptSource
 from report import plot_curve
-from runtime import PromptSource, UsageError, print0, run, writable_dir
+from runtime import UsageError, print0, run, writable_dir
 from sampler import noise_level, rollout
 
 RECIPE_SIZES = [2, 3, 4, 7]  # GCPO's released FLUX layout over T = 16 trainable steps (17 sampled)

@@ -3,7 +3,7 @@ Evaluate base and trained models side by side, the way the papers report them: o
 as mean +- standard error, the same initial noise for every model, and a grid of images to look at.
 
     python eval.py --preset toy --checkpoints runs/toy-grpo runs/toy-chunk --hybrid-steps 10   # 1 CPU
-    python eval.py --checkpoints runs/chunk --prompts hpdv2_test.txt --hybrid-steps 30          # 1 GPU, FLUX
+    python eval.py --checkpoints runs/chunk --hybrid-steps 30                                   # 1 GPU, FLUX
     torchrun --nproc_per_node 8 eval.py --checkpoints runs/grpo runs/chunk --hybrid-steps 30    # 8 GPUs
 
 The protocol (GCPO, arXiv 2510.21583, code github xingzhejun/GCPO): FLUX.1-dev, 50-step ODE sampling
@@ -38,14 +38,13 @@ import recipes
 import toy
 from checkpoints import checkpoints
 from models import load_model, load_transformer, pipeline_sigmas
+from prompts import PromptSource, outside_toy_grammar
 from report import comparison_grid, markdown, summarize
 from rewards import build_reward
 from runtime import (
-    PromptSource,
     UsageError,
     cli,
     gather_objects,
-    outside_toy_grammar,
     print0,
     run,
     seed_for,
@@ -70,8 +69,8 @@ class Args:
     """for each k, one more row per checkpoint: the trained model takes the first k steps, the base model the
     rest (GCPO: 30 of 50)"""
     # --- prompts and rewards ---
-    prompts: str = "hpdv2_test.txt"
-    """text file with one prompt per line, or the toy grammar: `toy` or `toy:heldout`, or `toy:train`"""
+    prompts: str = "hpdv2:test"
+    """text file of one prompt a line, a named set (prompts.py; GCPO: hpdv2:test), or toy[:heldout|:train]"""
     num_prompts: int | None = None
     """the first N prompts of the file (default: all); of the toy grammar's fixed list (default: 250)"""
     reward: tuple[str, ...] = ("hpsv3",)

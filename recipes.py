@@ -40,7 +40,7 @@ TRAIN = {
     # weights (Flow-GRPO keeps one for evaluation, not for sampling).
     "sd35": dict(
         model="stabilityai/stable-diffusion-3.5-medium",
-        prompts="pickscore_train.txt",
+        prompts="pickapic:train",
         reward=("pickscore",),
         height=512,
         width=512,

@@ -1,8 +1,8 @@
 """
 Plumbing under every script: the user-error type and the one entry point that reports it, torchrun setup,
-FSDP2 sharding, cross-rank reductions, seeds, prompt sources and image grids (a run's folder, its
+FSDP2 sharding, cross-rank reductions, seeds and image grids (prompts are prompts.py's; a run's folder, its
 checkpoints and its log are checkpoints.py's). Nothing here is part of the algorithm (train_grpo.py holds
-that); of the project it imports only toy.py.
+that), and it imports nothing of the project.
 """
 
 import math
@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-import toy
 
 
 class UsageError(Exception):
@@ -214,72 +212,6 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-# ----------------------------------------------------------------------------- prompts
-class PromptSource:
-    """The prompts of every script: a text file (one prompt a line, blank lines skipped) or the toy grammar.
-
-    Specs: FILE, `toy:train`, `toy:heldout`, or `toy`, the split the script is for (`toy_split`: train for the
-    trainers, held-out for eval.py and chunking.py). Training draws a fresh batch each iteration (`draw`);
-    evaluation reads a fixed list (`head`): a file's lines in order, or the toy grammar's list of seed 1, the
-    held-out prompts `python toy_model.py --eval-only` scores (fixed: a script's --seed varies the noise, not
-    the benchmark).
-    """
-
-    TOY_LIST_SEED = 1
-    TOY_LIST_SIZE = 250  # the toy list's length when none is asked for
-
-    def __init__(self, spec: str, toy_split: str = "train"):
-        self.lines = None
-        if spec in ("toy", "toy:train", "toy:heldout"):
-            self.split = toy_split if spec == "toy" else spec.split(":")[1]
-            return
-        self.split = None
-        if not Path(spec).is_file():
-            raise UsageError(
-                f"prompts file {spec!r} not found; pass --prompts FILE (one prompt per line) or --prompts toy"
-            )
-        try:
-            text = Path(spec).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            text = "\0"
-        if "\0" in text:  # a binary file, or text in another encoding
-            raise UsageError(f"prompts file {spec!r} is not UTF-8 text; it needs one prompt per line")
-        self.lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not self.lines:
-            raise UsageError(f"prompts file {spec!r} has no prompts; it needs one prompt per line")
-
-    @property
-    def is_toy(self) -> bool:
-        return self.lines is None
-
-    def draw(self, n: int, seed: int) -> list[str]:
-        """n prompts drawn afresh from the seed: distinct unless a file holds fewer than n."""
-        if self.is_toy:
-            return toy.sample_prompts(self.split, n, seed)
-        g = torch.Generator().manual_seed(seed)
-        if n <= len(self.lines):
-            idx = torch.randperm(len(self.lines), generator=g)[:n]
-        else:
-            idx = torch.randint(len(self.lines), (n,), generator=g)
-        return [self.lines[i] for i in idx.tolist()]
-
-    def head(self, n: int | None = None) -> list[str]:
-        """The first n prompts of the fixed list (all of a file's when n is None)."""
-        if self.is_toy:
-            return toy.sample_prompts(self.split, self.TOY_LIST_SIZE if n is None else n, self.TOY_LIST_SEED)
-        return self.lines[:n]
-
-
-def outside_toy_grammar(prompts) -> str | None:
-    """The first prompt the toy grammar cannot parse (the toy reward and model know no other), or None."""
-    for prompt in prompts:
-        try:
-            toy.parse(prompt)
-        except ValueError:
-            return prompt
-    return None
 
 
 # ----------------------------------------------------------------------------- images

@@ -33,7 +33,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 import models
 import sampler
 import toy
-from runtime import PromptSource, UsageError, image_grid, run, writable_dir
+from prompts import PromptSource
+from runtime import UsageError, image_grid, run, writable_dir
 
 
 @dataclass

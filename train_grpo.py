@@ -36,15 +36,14 @@ import recipes
 from checkpoints import Logger, check_output_dir, checkpoints, resume, save_checkpoint
 from chunking import num_selected
 from models import load_model, pipeline_sigmas
+from prompts import PromptSource, outside_toy_grammar
 from report import ratio_metrics, save_samples
 from rewards import build_reward
 from runtime import (
-    PromptSource,
     UsageError,
     autocast,
     cli,
     gather,
-    outside_toy_grammar,
     print0,
     reduce_mean,
     run,
@@ -62,8 +61,8 @@ class Args:
     # --- model and data ---
     model: str = "black-forest-labs/FLUX.1-dev"
     """FLUX or SD3 pipeline: hub id or local diffusers folder; `toy` for the bundled CPU model"""
-    prompts: str = "hpdv2_train.txt"
-    """text file with one prompt per line (GCPO: the HPDv2 train prompts), or `toy` for the toy grammar"""
+    prompts: str = "hpdv2:train"
+    """text file of one prompt a line, a named set downloaded once (prompts.py; GCPO: hpdv2:train), or toy"""
     reward: tuple[str, ...] = ("hpsv3",)
     """reward names with optional weights, `name` or `name:weight`; several are summed (see rewards.py)"""
     reward_path: tuple[str, ...] = ()

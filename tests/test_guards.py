@@ -18,8 +18,9 @@ import toy_model
 import train_chunk
 import train_grpo
 from models import load_model, load_transformer
+from prompts import PromptSource
 from rewards import build_reward
-from runtime import PromptSource, UsageError, cli
+from runtime import UsageError, cli
 from sampler import rollout
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["toy", "recipes"],  # the world, and the published recipes as presets: import nothing of ours
     ["runtime"],  # plumbing
-    ["lora"],  # LoRA adapters: add, average, save in the diffusers format
+    ["lora", "prompts"],  # LoRA adapters; prompt files, named sets and the toy grammar
     ["checkpoints"],  # a run's folder: checkpoints, resume, metrics.jsonl
     ["report"],  # tables and figures
     ["models"],  # FLUX, SD3 and toy behind one interface

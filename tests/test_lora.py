@@ -1,5 +1,6 @@
-"""LoRA (--lora-rank): the toy run learns, resumes bit-exactly and runs under torchrun x 2; the KL reference
-is the base; a saved adapter loads into the stock FLUX and SD3 pipelines and into eval.py."""
+"""LoRA (--lora-rank): the toy run learns, resumes bit-exactly and runs under torchrun x 2, where two ranks
+average to one process's gradient; the KL reference is the base; a saved adapter loads into the stock FLUX and
+SD3 pipelines and into eval.py."""
 
 import copy
 import json
@@ -76,6 +77,46 @@ def test_lora_torchrun_two_ranks_end_with_one_adapter(tmp_path):
     trained = adapter_weights(tmp_path / "checkpoints" / "iter_00002")
     assert all(math.isfinite(v.abs().max().item()) for v in trained.values())
     assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 0
+
+
+def lora_step_gradients(rank, world, init_file, out):
+    """The adapter's gradient for one optimizer step on this rank's share of 8 fixed trajectories (averaged
+    over ranks as train_grpo.main does under torchrun), saved to out/rank{rank}.pt."""
+    import torch.distributed as dist
+
+    import train_grpo
+    from sampler import rollout
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = load_model("toy")
+    params = perturbed(model.transformer)  # a random B: the gradient of A is not zero
+    traj = rollout(model, ["a red circle", "two blue squares"], num_generations=4, num_steps=6, seed=0)
+    args = train_grpo.parse_args(argv=[*TINY, *LORA])
+    learner = train_grpo.Learner(model, lora.AdapterOff(model.transformer), args)  # with the KL term
+    n = 8 // world
+    rows = torch.arange(rank * n, (rank + 1) * n)  # this rank's trajectories
+    steps = torch.stack(
+        [torch.randperm(5, generator=torch.Generator().manual_seed(int(r)))[:2] for r in rows]
+    )
+    train_grpo.step_loss(learner, traj, torch.linspace(-1.5, 1.5, 8), rows, steps, scale=1 / n)
+    if world > 1:
+        lora.average_gradients(params)
+        dist.destroy_process_group()
+    torch.save([p.grad for p in params], Path(out, f"rank{rank}.pt"))
+
+
+def test_lora_gradients_of_two_ranks_equal_one_process(tmp_path):
+    (tmp_path / "one").mkdir()
+    lora_step_gradients(0, 1, None, tmp_path / "one")  # all 8 trajectories in one process
+    torch.multiprocessing.spawn(lora_step_gradients, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    one = torch.load(tmp_path / "one" / "rank0.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks, strict=True))  # the ranks hold one gradient
+    assert max(g.abs().max().item() for g in one) > 0
+    for a, b in zip(ranks[0], one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # the same sum, in another order
 
 
 @pytest.mark.parametrize(
