@@ -12,12 +12,13 @@ the flat tail; the FLUX recipe is [2, 3, 4, 7]) and optimises each chunk as one 
     r_j  = exp( mean_{t in chunk j} (logp_theta_t - logp_old_t) )       (GCPO Eq. 15, length-normalised)
     loss = max(-A r_j, -A clip(r_j, 1 - eps, 1 + eps))                  (the same PPO clip, per chunk)
 
-All steps of one chunk of one trajectory go through the transformer as one batch (each row its own sigma).
-Each trajectory trains a `chunk_fraction` of its chunks (2 of 4 in the recipe), drawn uniformly or, with
-`--chunk-weighted-sampling`, with probability proportional to the chunk's mean L1rel on that trajectory; only
-the selection changes, the loss is not reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is
-sequence-level (GSPO-like). Note that uneven chunks reweight steps: a step in a size-2 chunk gets about twice
-the gradient weight it has in step-level GRPO, one in the size-7 chunk about 0.57x.
+Whole chunks of several trajectories share one transformer forward of up to --train-batch-size rows (each row
+its own sigma); a chunk is never split across forwards. Each trajectory trains a `chunk_fraction` of its
+chunks (2 of 4 in the recipe), drawn uniformly or, with `--chunk-weighted-sampling`, with probability
+proportional to the chunk's mean L1rel on that trajectory; only the selection changes, the loss is not
+reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is sequence-level (GSPO-like). Note that
+uneven chunks reweight steps: a step in a size-2 chunk gets about twice the gradient weight it has in
+step-level GRPO, one in the size-7 chunk about 0.57x.
 """
 
 import json
@@ -62,26 +63,55 @@ class ChunkArgs(Args):
 PRESETS = recipes.CHUNK  # the trainer's recipes; the toy one cuts the toy model's own L1rel curve
 
 
+def pack(lengths, capacity):
+    """Batches of unit indices, each batch at most `capacity` rows in all: first-fit decreasing (longest units
+    first, ties in index order, each into the first batch with room), so the batches come out nearly full.
+    A unit longer than `capacity` gets a batch of its own."""
+    batches, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: deterministic
+        j = next((j for j, free in enumerate(room) if free >= lengths[i]), len(batches))
+        if j == len(batches):
+            batches.append([])
+            room.append(capacity)
+        batches[j].append(i)
+        room[j] -= lengths[i]
+    return batches
+
+
+def chunk_mean(x, seg, size):
+    """Each chunk's mean of per-row values: x (M,), seg (M,) each row's chunk in 0..m-1, size (m,)."""
+    return x.new_zeros(len(size)).index_add(0, seg, x) / size
+
+
 def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
     """Forward + backward the chunk-level loss of trajectories `rows` (n,) at their selected `chunks` (n, k).
 
-    Scaled like train_grpo.step_loss (scale / k per unit), so chunks of size 1 give exactly the step-level
-    gradient.
+    Whole chunks of any trajectories are packed into forwards of at most --train-batch-size rows (each row a
+    step at its own sigma), one graph and one backward per forward. A chunk is never split: one longer than
+    --train-batch-size gets a forward of its own, and memory is then that of the largest chunk. Scaled like
+    train_grpo.step_loss (scale / k per chunk), so chunks of size 1 give exactly the step-level gradient.
+    Returns the (n*k,) chunk ratios, row-major in (rows, chunks), as the metrics expect.
     """
-    bounds, k, ratios = chunk_bounds(sizes), chunks.shape[1], []
-    for row, picked in zip(rows.tolist(), chunks.tolist(), strict=True):
-        for j in picked:
-            a, b = bounds[j]
-            steps = torch.arange(a, b, device=rows.device)  # (c,) the chunk's steps, one batch
-            logp, kl = learner.log_probs(traj, torch.full_like(steps, row), steps)  # (c,), (c,)
-            # r_j = exp(mean_{t in chunk j}(logp_theta_t - logp_old_t))  (GCPO Eq. 15)
-            ratio = (logp - traj.log_probs[row, a:b]).mean().exp()
-            loss = ppo_clip_loss(ratio, adv[row], learner.args.clip_range) + learner.args.beta * kl.mean()
-            if learner.kept is not None:  # see train_grpo.step_loss
-                loss = loss * learner.kept[row]
-            (loss * scale / k).backward()
-            ratios.append(ratio.detach())
-    return torch.stack(ratios)  # (n*k,)
+    a, k, device = learner.args, chunks.shape[1], rows.device
+    bounds = torch.tensor(chunk_bounds(sizes), device=device)  # (K, 2) each chunk's steps [start, end)
+    start, end = bounds[chunks.flatten().to(device)].unbind(1)  # (n*k,) of each trained chunk, row-major
+    row, size = rows.repeat_interleave(k), end - start  # (n*k,) its trajectory and its number of steps
+    ratios = torch.empty(len(row), device=device)
+    for batch in pack(size.tolist(), a.train_batch_size):
+        u = torch.tensor(batch, device=device)  # (m,) the chunks of this forward
+        c = size[u]  # (m,) their sizes, M = c.sum() rows
+        seg = torch.arange(len(u), device=device).repeat_interleave(c)  # (M,) each forward row's chunk
+        offset = torch.arange(len(seg), device=device) - (c.cumsum(0) - c)[seg]  # (M,) its step in the chunk
+        r, t = row[u][seg], start[u][seg] + offset  # (M,) each forward row's trajectory and step
+        logp, kl = learner.log_probs(traj, r, t)  # (M,), (M,)
+        # r_j = exp(mean_{t in chunk j}(logp_theta_t - logp_old_t))  (GCPO Eq. 15)
+        ratio = chunk_mean(logp - traj.log_probs[r, t], seg, c).exp()  # (m,)
+        loss = ppo_clip_loss(ratio, adv[row[u]], a.clip_range) + a.beta * chunk_mean(kl, seg, c)
+        if learner.kept is not None:  # see train_grpo.step_loss
+            loss = loss * learner.kept[row[u]]
+        (loss.sum() * scale / k).backward()
+        ratios[u] = ratio.detach()
+    return ratios  # (n*k,)
 
 
 def chunk_objective(learner, traj, adv, rows, scale, generator, *, sizes):

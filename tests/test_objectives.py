@@ -6,7 +6,7 @@ import torch
 from chunking import chunk_bounds
 from models import load_model
 from sampler import rollout
-from train_chunk import ChunkArgs, chunk_loss
+from train_chunk import ChunkArgs, chunk_loss, pack
 from train_grpo import Args, Learner, compute_advantages, step_loss
 
 
@@ -77,6 +77,70 @@ def test_chunks_of_size_one_equal_the_step_objective(batch, beta, tiny_flux_dir)
     assert (step_ratio - 1).abs().max() > 1e-4  # the comparison is not between two trivial ratios of 1
     assert (step_ratio - chunk_ratio).abs().max() < 1e-6
     assert (step_grad - chunk_grad).abs().max() < 1e-6 and step_grad.abs().max() > 0
+
+
+@pytest.fixture(scope="module")
+def nudged(tiny_flux_dir):
+    """A policy a little off the sampler's weights (ratios != 1, some clipped) and the un-nudged reference."""
+    policy = load_model(tiny_flux_dir, height=32, width=32)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.transformer.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+    return policy, load_model(tiny_flux_dir, height=32, width=32).transformer
+
+
+def test_pack_fills_batches_longest_first_and_gives_an_oversized_chunk_its_own():
+    assert pack([2, 1, 3, 1, 7], 4) == [[4], [2, 1], [0, 3]]
+    assert pack([1, 1, 1], 2) == [[0, 1], [2]]  # ties keep their order
+    assert pack([], 4) == []
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("train_batch_size, forwards", [(1, 10), (5, 4), (64, 1)])
+def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
+    batch, nudged, beta, train_batch_size, forwards, monkeypatch
+):
+    _, traj, adv = batch
+    policy, ref = nudged
+    learner = Learner(policy, ref if beta else None, ChunkArgs(clip_range=2e-4, beta=beta))
+    learner.kept = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # trajectory 3 dropped (a non-finite reward)
+    sizes, scale = [1, 2, 3], 0.2  # T = 6 steps
+    rows = torch.tensor([4, 0, 3, 1, 5])
+    chunks = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 1], [1, 0]])  # (n, k): chunk ids, any order
+
+    def one_forward_per_chunk():  # brute force: each chunk on its own, its ratio, its loss, its backward
+        eps, ratios = learner.args.clip_range, []
+        for row, picked in zip(rows.tolist(), chunks.tolist(), strict=True):
+            for j in picked:
+                steps = torch.arange(sum(sizes[:j]), sum(sizes[: j + 1]))
+                logp, kl = learner.log_probs(traj, torch.full_like(steps, row), steps)
+                ratio = (logp - traj.log_probs[row, steps]).mean().exp()
+                surrogate = torch.maximum(-adv[row] * ratio, -adv[row] * ratio.clamp(1 - eps, 1 + eps))
+                loss = (surrogate + beta * kl.mean()) * learner.kept[row]
+                (loss * scale / chunks.shape[1]).backward()
+                ratios.append(ratio.detach())
+        return torch.stack(ratios)
+
+    ref_ratio, ref_grad = grads_of(policy, one_forward_per_chunk)
+    learner.args.train_batch_size = train_batch_size
+    rows_per_forward, log_probs = [], learner.log_probs
+
+    def counted(traj, r, t):
+        rows_per_forward.append(len(r))
+        return log_probs(traj, r, t)
+
+    monkeypatch.setattr(learner, "log_probs", counted)
+    ratio, grad = grads_of(policy, lambda: chunk_loss(learner, traj, adv, rows, chunks, sizes, scale))
+    # 20 rows: one forward per chunk at batch size 1, four full forwards of 5 (chunks of several
+    # trajectories, never split), one forward of all
+    assert len(rows_per_forward) == forwards and sum(rows_per_forward) == 20
+    assert max(rows_per_forward) <= max(train_batch_size, max(sizes))
+    outside = (ref_ratio - 1).abs() > learner.args.clip_range
+    assert outside.any() and not outside.all()  # ratios inside and outside the clip range
+    torch.testing.assert_close(ratio, ref_ratio, atol=1e-6, rtol=0)  # same order: row-major (rows, chunks)
+    assert ref_grad.abs().max() > 0
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5 * ref_grad.abs().max().item(), rtol=1e-5)
 
 
 def test_one_chunk_of_all_steps_is_the_sequence_level_ratio(batch):
