@@ -2,10 +2,12 @@
 A run's folder on disk, and resuming a run without going wrong quietly. Of the project it imports only
 runtime.py and lora.py.
 
-    RUN/metrics.jsonl                        one JSON object per iteration, appended by rank 0
+    RUN/metrics.jsonl                        one JSON object per iteration (metrics_log.py)
     RUN/checkpoints/iter_XXXXX/transformer/  the policy in diffusers format (from_pretrained loads it)
+    RUN/checkpoints/iter_XXXXX/optimizer/    AdamW's state, one file per rank (torch.distributed.checkpoint)
     RUN/checkpoints/iter_XXXXX/lora/         instead, a LoRA run's adapter (load_lora_weights loads it)
-    RUN/checkpoints/iter_XXXXX/trainer.pt    optimizer, every rank's RNG state, iteration, args (weights_only)
+    RUN/checkpoints/iter_XXXXX/trainer.pt    every rank's RNG state, iteration, args (weights_only); a LoRA
+                                             run's optimizer, whole
 
 A new run refuses a folder that already holds one (pass --resume or a new --output-dir). A checkpoint is
 written to iter_XXXXX.tmp and renamed, so a folder named iter_XXXXX was complete when it was renamed; a crash
@@ -19,11 +21,14 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.state_dict as dsd
 
 import lora
 from runtime import UsageError, gather_objects, print0, writable_dir
@@ -91,13 +96,17 @@ def local(p):
     return p.to_local() if hasattr(p, "to_local") else p
 
 
+def quiet(dcp_call, state_dict, folder):
+    """dcp.save or dcp.load; in one process (no process group) dcp works alone, but warns so on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp_call(state_dict, checkpoint_id=folder)
+
+
 def save_checkpoint(policy, optimizer, args, iteration, rank):
     """The transformer in diffusers format (fp32 master weights, loadable by from_pretrained), the optimizer,
-    every rank's RNG state, the iteration and the args. Written to a temporary folder and renamed, so the
-    newest checkpoint is never half-written."""
-    from huggingface_hub import save_torch_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
+    every rank's RNG state, the iteration and the args. Every rank writes its shard of the optimizer into a
+    temporary folder that rank 0 then renames, so the newest checkpoint is never half-written."""
     # Collective, like the gathering below: every rank checks its own shards.
     ok = all(torch.isfinite(local(p)).all() for p in policy.parameters())
     finite = torch.tensor([float(ok)], device=next(policy.parameters()).device)  # nccl reduces CUDA tensors
@@ -105,31 +114,30 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
         raise UsageError(f"iteration {iteration}: the weights hold NaN or infinity; they were not saved")
-    # Collective: every rank takes part in gathering the full (unsharded) state on CPU. A LoRA run is not
-    # sharded: its ranks hold the same adapter and optimizer (checked), so rank 0's are the run's.
+    final = Path(args.output_dir, "checkpoints", f"iter_{iteration:05d}")
+    tmp, stale = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save's
+    barrier()  # no rank writes into tmp before it is emptied
+    # A LoRA run is not sharded: its ranks hold the same adapter and optimizer (checked), so rank 0's are the
+    # run's, saved whole. A full run's AdamW state (twice the fp32 weights) is saved sharded as it lies, each
+    # rank its own file under optimizer/ (torch.distributed.checkpoint, as torchtitan does), so no process
+    # ever holds all of it; only the weights are gathered, on rank 0, for the diffusers files (save_weights).
     adapter = lora.has_adapter(policy)
     if adapter and dist.is_initialized():
         lora.check_same_on_ranks([p for p in policy.parameters() if p.requires_grad])
-    if adapter:
-        model_sd, optim_sd = None, optimizer.state_dict()
-    else:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(policy, optimizer, options=options)
+    if not adapter:
+        quiet(dcp.save, {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}, tmp / "optimizer")
+        save_weights(policy, tmp / "transformer", rank)
     rng_states = gather_objects(torch.get_rng_state())  # one per rank: each draws its own prompts' noise
     if rank == 0:
-        final = Path(args.output_dir, "checkpoints", f"iter_{iteration:05d}")
-        tmp, stale = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
+        run_args = {k: plain(v) for k, v in asdict(args).items()}
+        trainer = {"rng": rng_states, "iteration": iteration, "args": run_args}
         if adapter:
             lora.save_adapter(policy, tmp / "lora")
+            trainer["optimizer"] = optimizer.state_dict()
         else:
             policy.save_config(tmp / "transformer")
-            pattern = (
-                "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
-            )
-            save_torch_state_dict(model_sd, tmp / "transformer", filename_pattern=pattern)
-        run_args = {k: plain(v) for k, v in asdict(args).items()}
-        trainer = {"optimizer": optim_sd, "rng": rng_states, "iteration": iteration, "args": run_args}
         torch.save(trainer, tmp / "trainer.pt")
         # A folder of this name exists only if resume skipped it as unreadable: replace it, never merge.
         shutil.rmtree(stale, ignore_errors=True)
@@ -137,6 +145,39 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
             os.replace(final, stale)
         os.replace(tmp, final)
         shutil.rmtree(stale, ignore_errors=True)
+    barrier()
+
+
+def save_weights(policy, folder, rank, max_shard_size="5GB"):
+    """Collective: the full weights in diffusers' safetensors layout (files of at most `max_shard_size`, an
+    index when there are several), gathered a file at a time, so rank 0's CPU holds one file, not the whole
+    model (FLUX: 48 GB). huggingface_hub's save_torch_state_dict, file by file."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    weights = policy.state_dict()  # under FSDP2, DTensors: the plan sees their full sizes
+    pattern = "diffusion_pytorch_model{suffix}.safetensors"  # the file names from_pretrained looks for
+    plan = split_torch_state_dict_into_shards(
+        weights, filename_pattern=pattern, max_shard_size=max_shard_size
+    )
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    for filename, keys in plan.filename_to_tensors.items():
+        part = {}
+        for key in keys:
+            tensor = weights[key]
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # all ranks gather
+            if rank == 0:
+                part[key] = full.detach().cpu()
+        if rank == 0:
+            save_file(part, folder / filename, metadata={"format": "pt"})
+    if rank == 0 and plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        Path(folder, pattern.format(suffix="") + ".index.json").write_text(json.dumps(index, indent=2))
+
+
+def barrier():
+    """Wait for every rank (under torchrun; one process has no one to wait for)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -164,13 +205,26 @@ def read_checkpoint(path):
     try:
         model_sd = read_weights(path)
         state = torch.load(path / "trainer.pt", weights_only=True)
-        missing = {"optimizer", "rng", "iteration", "args"} - set(state)
+        missing = {"rng", "iteration", "args"} - set(state)
         if missing:
             raise KeyError(f"trainer.pt lacks {sorted(missing)}")
+        if "optimizer" not in state:  # not a LoRA run's, nor saved before the optimizer was sharded
+            check_shards(path / "optimizer")
     except Exception as e:  # any failure to read is the same verdict: not this checkpoint
         lines = str(e).strip().splitlines()
         raise Unreadable(f"{type(e).__name__}: {lines[0][:120] if lines else ''}") from e
     return model_sd, state
+
+
+def check_shards(folder):
+    """Raise if a file the sharded optimizer's metadata names is missing or shorter than its entries need.
+    (dcp's metadata is a pickle, as torch.distributed.checkpoint writes it: resume only runs you trust.)"""
+    ends = {}
+    for item in dcp.FileSystemReader(folder).read_metadata().storage_data.values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in ends.items():
+        if (folder / name).stat().st_size < end:
+            raise EOFError(f"optimizer/{name} is truncated")
 
 
 def newest_readable(found):
@@ -233,8 +287,6 @@ def weight_mismatch(saved: dict, policy) -> list[str]:
 def load_checkpoint(policy, optimizer, args, checkpoint, rank):
     """Restore a checkpoint (path, weights, trainer state) after checking that it belongs to this run; the
     optimizer then takes --learning-rate, --adam-betas and --weight-decay from args. The iteration."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     path, model_sd, state = checkpoint
     now = {k: plain(v) for k, v in asdict(args).items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -259,10 +311,16 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
 
         set_peft_model_state_dict(policy, model_sd)
         optimizer.load_state_dict(state["optimizer"])
-    else:
-        options = StateDictOptions(full_state_dict=True)
-        sd = dict(model_state_dict=model_sd, optim_state_dict=state["optimizer"])
-        set_state_dict(policy, optimizer, **sd, options=options)
+    else:  # every rank takes its shard of the whole weights, and reads its own part of the optimizer
+        full = dsd.StateDictOptions(full_state_dict=True)
+        dsd.set_model_state_dict(policy, model_sd, options=full)
+        if "optimizer" in state:  # saved whole in trainer.pt, before the optimizer was sharded
+            dsd.set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=full)
+        else:
+            # This rank's shards as they are now (a fresh AdamW: zeros): dcp reads the saved values into them.
+            sharded = {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}
+            quiet(dcp.load, sharded, path / "optimizer")
+            dsd.set_optimizer_state_dict(policy, optimizer, sharded["optimizer"])
     torch.set_rng_state(state["rng"][rank])
     for group in optimizer.param_groups:
         group.update(lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
@@ -278,59 +336,3 @@ def resume(policy, optimizer, args, rank):
     if not found:
         return 0
     return load_checkpoint(policy, optimizer, args, newest_readable(found), rank)
-
-
-# ----------------------------------------------------------------------------- metrics
-def metrics_iteration(line: str):
-    """The iteration of a line of metrics.jsonl, or None if the line is not a metrics row."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row.get("iteration") if isinstance(row, dict) else None
-
-
-def read_metrics(path: Path) -> list[tuple[int, str]]:
-    """(iteration, line) of each row of a metrics.jsonl. A partial last line (the run was killed mid-write) is
-    dropped with a warning; any other line that is not a metrics row is refused."""
-    lines = [
-        (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
-    ]
-    rows = [(metrics_iteration(line), line) for _, line in lines]
-    bad = [i for i, (it, _) in enumerate(rows) if not isinstance(it, int)]
-    if bad and bad[0] < len(rows) - 1:
-        raise UsageError(
-            f"{path} line {lines[bad[0]][0]} is not a metrics row; delete it, then --resume again"
-        )
-    if bad:
-        print(f"warning: dropped the partial last line of {path}", file=sys.stderr)
-    return rows[: len(rows) - len(bad)]
-
-
-class Logger:
-    """metrics.jsonl (+ wandb) on rank 0; every other rank gets `Logger(None)`, which does nothing."""
-
-    def __init__(self, args, start):
-        self.path = None if args is None else Path(args.output_dir, "metrics.jsonl")
-        self.run = None
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        rows = read_metrics(self.path) if self.path.exists() else []
-        kept = [line for it, line in rows if it <= start]  # a resumed run redoes the rest
-        tmp = self.path.with_name(self.path.name + ".tmp")  # same folder: os.replace is then atomic
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        if args.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-            self.run = wandb.init(project="chunk-grpo", config=asdict(args))
-
-    def log(self, metrics):
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if self.run is not None:
-            self.run.log(metrics, step=metrics["iteration"])

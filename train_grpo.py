@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 import lora
 import recipes
-from checkpoints import Logger, check_output_dir, checkpoints, resume, save_checkpoint
+from checkpoints import check_output_dir, checkpoints, resume, save_checkpoint
 from chunking import num_selected
+from metrics_log import Logger
 from models import load_model, pipeline_sigmas
 from prompts import PromptSource, outside_toy_grammar
 from report import ratio_metrics, save_samples

@@ -5,6 +5,7 @@ on a tiny policy, except one resume of the real trainer."""
 
 import json
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -13,8 +14,19 @@ import torch
 
 import train_chunk
 import train_grpo
-from checkpoints import Logger, check_output_dir, checkpoints, plain, read_checkpoint, resume, save_checkpoint
+from checkpoints import (
+    check_output_dir,
+    checkpoints,
+    plain,
+    read_checkpoint,
+    read_weights,
+    resume,
+    save_checkpoint,
+    save_weights,
+)
+from metrics_log import Logger
 from runtime import UsageError
+from test_train import metrics, train, weights
 
 
 class Tiny(torch.nn.Module):
@@ -103,6 +115,8 @@ def test_an_unwritable_output_dir_is_refused(tmp_path):
 def damage(ckpt: Path, how: str):
     weights = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
     target = weights if "safetensors" in how else ckpt / "trainer.pt"
+    if "optimizer" in how:  # the one shard of a single process
+        target = ckpt / "optimizer" / ("__0_0.distcp" if "shard" in how else ".metadata")
     if how.startswith("missing"):
         target.unlink()
     elif how.startswith("truncated"):
@@ -119,6 +133,9 @@ def damage(ckpt: Path, how: str):
         "truncated safetensors",
         "missing trainer.pt",
         "truncated trainer.pt",
+        "missing optimizer shard",
+        "truncated optimizer shard",
+        "missing optimizer metadata",
         "a pickled object in trainer.pt",
     ],
 )
@@ -156,7 +173,89 @@ def test_trainer_pt_loads_with_weights_only(tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "iter_00001" / "trainer.pt", weights_only=True)
     assert state["args"] == {k: plain(v) for k, v in asdict(args).items()} and state["iteration"] == 1
     assert state["args"]["adam_betas"] == (0.9, 0.999) and len(state["rng"]) == 1
-    assert state["optimizer"]["state"]  # AdamW's moments came back too
+    assert "optimizer" not in state  # AdamW's moments are in optimizer/, sharded
+
+
+@pytest.mark.parametrize("layout", ["sharded", "whole in trainer.pt"])
+def test_the_optimizer_resumes_bit_exactly(tmp_path, layout):
+    """Both layouts: optimizer/ (one file per rank) and, as this file saved it before, one full state dict
+    in trainer.pt."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    args = toy_args(tmp_path)
+    policy, optimizer = fresh(args)
+    for _ in range(3):
+        policy(torch.randn(4, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    save_checkpoint(policy, optimizer, args, 3, rank=0)
+    ckpt = tmp_path / "checkpoints" / "iter_00003"
+    if layout != "sharded":
+        state = torch.load(ckpt / "trainer.pt", weights_only=True)
+        whole = get_optimizer_state_dict(policy, optimizer, options=StateDictOptions(full_state_dict=True))
+        torch.save({**state, "optimizer": whole}, ckpt / "trainer.pt")
+        shutil.rmtree(ckpt / "optimizer")
+    again, resumed = fresh(args)
+    assert resume(again, resumed, args, rank=0) == 3
+    ours, theirs = optimizer.state_dict()["state"], resumed.state_dict()["state"]
+    assert ours.keys() == theirs.keys() and all(
+        torch.equal(ours[i][k], theirs[i][k]) for i in ours for k in ("step", "exp_avg", "exp_avg_sq")
+    )
+
+
+def test_weights_saved_file_by_file_load_with_from_pretrained(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from models import load_model
+
+    policy = load_model("toy").transformer  # 4 MB of fp32 weights: five files of at most 1 MB
+    save_weights(policy, tmp_path / "transformer", rank=0, max_shard_size="1MB")
+    policy.save_config(tmp_path / "transformer")
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+    ours = policy.state_dict()
+    for loaded in (
+        FluxTransformer2DModel.from_pretrained(tmp_path / "transformer").state_dict(),
+        read_weights(tmp_path),
+    ):
+        assert loaded.keys() == ours.keys() and all(torch.equal(loaded[k], ours[k]) for k in ours)
+
+
+def shard_bytes(folder: Path) -> dict[str, int]:
+    """The bytes each file of a sharded optimizer holds, from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    held = {}
+    for item in FileSystemReader(folder).read_metadata().storage_data.values():
+        held[item.relative_path] = held.get(item.relative_path, 0) + item.length
+    return held
+
+
+def test_torchrun_shards_the_optimizer_and_resumes_bit_exactly(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ["--num-iterations", "2", "--checkpoint-every", "1", "--image-every", "0"]
+    train("train_grpo.py", straight, *flags, nproc=2)
+    ckpt = straight / "checkpoints" / "iter_00001"
+    held = shard_bytes(ckpt / "optimizer")
+    assert sorted(held) == ["__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    numel = sum(v.numel() for v in weights(ckpt / "transformer").values())
+    assert sum(held.values()) >= 2 * 4 * numel  # AdamW's two fp32 moments of every weight, in all
+    assert max(held.values()) < 0.6 * sum(held.values())  # and no rank wrote (or held) all of them
+    shutil.copytree(ckpt, resumed / "checkpoints" / "iter_00001")
+    (resumed / "metrics.jsonl").write_text(json.dumps(metrics(straight)[0]) + "\n")
+    train("train_grpo.py", resumed, *flags, "--resume", nproc=2)
+    a, b = (weights(out / "checkpoints/iter_00002/transformer") for out in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for out in (straight, resumed):  # the optimizer's shards, gathered here into one file to compare
+        dcp_to_torch_save(out / "checkpoints/iter_00002/optimizer", out / "optimizer.pt")
+    a, b = (
+        torch.load(out / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+        for out in (straight, resumed)
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[p][k], b[p][k]) for p in a for k in a[p])
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert strip(metrics(resumed)) == strip(metrics(straight))
 
 
 # ----------------------------------------------------------------------------- another run's checkpoint

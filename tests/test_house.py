@@ -14,7 +14,7 @@ LAYERS = [
     ["toy", "recipes"],  # the world, and the published recipes as presets: import nothing of ours
     ["runtime"],  # plumbing
     ["lora", "prompts"],  # LoRA adapters; prompt files, named sets and the toy grammar
-    ["checkpoints"],  # a run's folder: checkpoints, resume, metrics.jsonl
+    ["checkpoints", "metrics_log"],  # a run's folder: checkpoints, resume; metrics.jsonl
     ["report"],  # tables and figures
     ["models"],  # FLUX, SD3 and toy behind one interface
     ["sampler"],  # the SDE and rollouts

@@ -132,7 +132,8 @@ def test_bad_input_ends_with_one_clear_line(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
         f"error: prompts file {str(tmp_path / 'missing.txt')!r} not found; "
-        "pass --prompts FILE (one prompt per line) or --prompts toy"
+        "pass --prompts FILE (one prompt per line), a named set (hpdv2:train, hpdv2:test, pickapic:train, "
+        "pickapic:test) or toy"
     ]
 
 
