@@ -179,6 +179,35 @@ def load_transformer(model: FlowModel, folder):
     return cls.from_pretrained(folder, dtype=model.dtype).to(model.device).eval()
 
 
+def latent_flow_model(
+    kind, transformer, vae, encode_prompts, height, width, guidance, *, device, dtype, quantize_timestep=True
+):
+    """The FlowModel of a FLUX ("flux") or SD3 ("sd3") transformer and VAE for height x width images: the
+    family's velocity adapter (`guidance`: FLUX's distilled guidance or None, SD3's CFG scale), decoding
+    through the VAE and the latent shape, as the stock pipelines compute them."""
+    vsf = 2 ** (len(vae.config.block_out_channels) - 1)  # the pipelines' vae_scale_factor
+    h, w, channels = height // vsf, width // vsf, transformer.config.in_channels  # latent pixels
+    if kind == "flux":  # FLUX packs 2x2 latent pixels into a token: even sizes
+        h, w = 2 * (h // 2), 2 * (w // 2)
+        velocity = flux_velocity(
+            h, w, guidance=guidance, quantize_timestep=quantize_timestep, device=device, dtype=dtype
+        )
+        latent_shape = ((h // 2) * (w // 2), channels)
+    else:
+        velocity, latent_shape = sd3_velocity(guidance, dtype), (channels, h, w)
+
+    def decode(latents):
+        if kind == "flux":
+            latents = unpack(latents, h, w)  # (N, C, h, w)
+        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W)
+
+    return FlowModel(
+        kind, transformer, velocity, encode_prompts, decode, latent_shape, torch.device(device), dtype
+    )
+
+
 def load_model(
     name_or_path,
     *,
@@ -210,8 +239,6 @@ def load_model(
         ) from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    vae, vsf = pipe.vae, pipe.vae_scale_factor
-    channels = pipe.transformer.config.in_channels
     is_flux = isinstance(pipe, diffusers.FluxPipeline)
     if not is_flux and not isinstance(pipe, diffusers.StableDiffusion3Pipeline):
         raise UsageError(
@@ -220,17 +247,6 @@ def load_model(
     height = height or (1024 if is_flux else 512)
     width = width or (1024 if is_flux else 512)
     device = torch.device(device)
-    h, w = height // vsf, width // vsf  # latent pixels
-    if is_flux:  # FLUX packs 2x2 latent pixels into a token: even sizes
-        h, w = 2 * (h // 2), 2 * (w // 2)
-
-    def decode(latents):
-        if is_flux:
-            latents = unpack(latents, h, w)  # (N, C, h, w)
-        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)  # (N, 3, H, W)
-
     if is_flux:
 
         def encode_prompts(prompts):
@@ -242,35 +258,31 @@ def load_model(
         guidance = None  # FLUX.1-schnell has no guidance embedding
         if pipe.transformer.config.guidance_embeds:
             guidance = 3.5 if guidance_scale is None else guidance_scale
-        velocity = flux_velocity(
-            h, w, guidance=guidance, quantize_timestep=quantize_timestep, device=device, dtype=dtype
-        )
-        latent_shape = ((h // 2) * (w // 2), channels)
-        sigmas = partial(scheduler_sigmas, pipe, (h // 2) * (w // 2))
-        return FlowModel(
-            "flux", pipe.transformer, velocity, encode_prompts, decode, latent_shape, device, dtype, sigmas
-        )
+    else:
+        guidance = 4.5 if guidance_scale is None else guidance_scale
 
-    scale = 4.5 if guidance_scale is None else guidance_scale
+        def encode_prompts(prompts):
+            out = pipe.encode_prompt(
+                list(prompts), None, None, device=device, do_classifier_free_guidance=guidance > 1
+            )
+            names = (
+                "prompt_embeds",
+                "negative_prompt_embeds",
+                "pooled_prompt_embeds",
+                "negative_pooled_prompt_embeds",
+            )
+            return {k: e for k, e in zip(names, out, strict=True) if e is not None}
 
-    def encode_prompts(prompts):
-        out = pipe.encode_prompt(
-            list(prompts), None, None, device=device, do_classifier_free_guidance=scale > 1
-        )
-        names = (
-            "prompt_embeds",
-            "negative_prompt_embeds",
-            "pooled_prompt_embeds",
-            "negative_pooled_prompt_embeds",
-        )
-        return {k: e for k, e in zip(names, out, strict=True) if e is not None}
-
-    velocity = sd3_velocity(scale, dtype)
-    patch = pipe.transformer.config.patch_size
-    sigmas = partial(scheduler_sigmas, pipe, (h // patch) * (w // patch))
-    return FlowModel(
-        "sd3", pipe.transformer, velocity, encode_prompts, decode, (channels, h, w), device, dtype, sigmas
+    kind, parts = ("flux" if is_flux else "sd3"), (pipe.transformer, pipe.vae, encode_prompts)
+    model = latent_flow_model(
+        kind, *parts, height, width, guidance, device=device, dtype=dtype, quantize_timestep=quantize_timestep
     )
+    tokens = model.latent_shape[0]  # FLUX: the image's tokens
+    if not is_flux:  # SD3 patches p x p latent pixels into a token
+        _, h, w = model.latent_shape
+        tokens = (h // pipe.transformer.config.patch_size) * (w // pipe.transformer.config.patch_size)
+    model.stock_sigmas = partial(scheduler_sigmas, pipe, tokens)
+    return model
 
 
 def pipeline_sigmas(model: FlowModel, num_steps: int) -> torch.Tensor:

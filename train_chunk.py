@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 import recipes
 import train_grpo
@@ -96,8 +97,13 @@ def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
     bounds = torch.tensor(chunk_bounds(sizes), device=device)  # (K, 2) each chunk's steps [start, end)
     start, end = bounds[chunks.flatten().to(device)].unbind(1)  # (n*k,) of each trained chunk, row-major
     row, size = rows.repeat_interleave(k), end - start  # (n*k,) its trajectory and its number of steps
-    ratios = torch.empty(len(row), device=device)
-    for batch in pack(size.tolist(), a.train_batch_size):
+    ratios, batches = torch.empty(len(row), device=device), pack(size.tolist(), a.train_batch_size)
+    # Ranks pack their own chunks into different numbers of forwards, but under FSDP each forward and backward
+    # is a collective: a rank with fewer runs idle ones (one row, zero loss) until it has run as many as all.
+    most = torch.tensor(len(batches), device=device)
+    if dist.is_initialized():  # before any forward: the ranks' collectives must come in the same order
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    for batch in batches:
         u = torch.tensor(batch, device=device)  # (m,) the chunks of this forward
         c = size[u]  # (m,) their sizes, M = c.sum() rows
         seg = torch.arange(len(u), device=device).repeat_interleave(c)  # (M,) each forward row's chunk
@@ -111,6 +117,9 @@ def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
             loss = loss * learner.kept[row[u]]
         (loss.sum() * scale / k).backward()
         ratios[u] = ratio.detach()
+    for _ in range(int(most) - len(batches)):
+        logp, kl = learner.log_probs(traj, row[:1], start[:1])
+        ((logp + kl).sum() * 0).backward()
     return ratios  # (n*k,)
 
 

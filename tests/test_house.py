@@ -23,6 +23,7 @@ LAYERS = [
     ["rewards"],
     ["train_grpo", "eval"],
     ["train_chunk"],
+    ["bench"],  # what an iteration costs: imports the trainers
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 TRAINERS = ("train_grpo.py", "train_chunk.py")

@@ -116,7 +116,19 @@ def test_chunk_toy_run(tmp_path, weighted):
 
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_chunk.py"])
 def test_torchrun_two_ranks(tmp_path, script):
-    extra = ["--chunk-layout", "uniform", "--chunk-size", "2"] if script == "train_chunk.py" else []
+    # Chunks of 1 and 4 steps in forwards of 2 rows: the ranks pack different numbers of forwards.
+    chunks = [
+        "--chunk-layout",
+        "fixed",
+        "--chunk-sizes",
+        "1",
+        "4",
+        "--train-batch-size",
+        "2",
+        "--timeout",
+        "60",
+    ]
+    extra = chunks if script == "train_chunk.py" else []
     train(script, tmp_path, "--num-iterations", "2", *extra, nproc=2)
     rows = check_run(tmp_path, 2)
     for r in rows:
