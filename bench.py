@@ -44,7 +44,7 @@ from train_grpo import Learner, compute_advantages, describe_steps, mode_default
 # The transformers. FLUX.1-dev: black-forest-labs/FLUX.1-dev transformer/config.json. SD3.5-M:
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json, as copied into public test code (two
 # independent copies agree: 24 layers, dual attention in the first 13, RMS q/k norm, 2.24B parameters).
-TOY = dict(in_channels=48, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=3)
+TOY = dict(in_channels=48, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4)
 TOY |= dict(joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12))  # assets/toy
 TINY = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
 TINY |= dict(joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))

@@ -2,17 +2,16 @@
 The CPU-scale world: a grammar of coloured shapes, an exact renderer and an exact verifier. It imports no
 project file; toy_model.py pretrains on it the tiny FLUX-class model that ships in assets/toy/.
 
-Scenes are coloured shapes on black, 32x32 pixels; prompts are plain English and fall into five GenEval-like
-categories (`category()`):
+Scenes are coloured shapes on black, 32x32 pixels; prompts are plain English in five GenEval-like categories:
     single_object  "a red circle"                      counting   "three yellow triangles"
     position       "a blue square on the left"         two_object "a red circle and a blue square"
     relation       "a green square above two purple circles"
-`render()` draws a prompt exactly, its objects' sizes and places jittered by (seed, index). `verify()` scores
-an image against its prompt exactly, with GenEval-style atoms: every object group is present (colour and
-shape), has the exact count, sits in its region, and holds its relation to the other group. The score is the
-fraction of atoms right (partial credit, the toy reward); `strict` is all of them right (GenEval accuracy).
-Compositions (a scene up to surface form: "A left of B" is "B right of A") are split train / held-out by a
-hash, so the held-out prompts test generalisation to unseen combinations of seen words.
+`render()` draws a prompt exactly: objects 10 pixels wide in 12x12 cells on a 4-pixel grid, placed by (seed,
+index). `verify()` scores an image against its prompt exactly, with GenEval-style atoms: every object group is
+present (colour, and a shape that fits its template), has the exact count, sits in its region, and holds its
+relation to the other group. The score is the fraction of atoms right (partial credit, the toy reward);
+`strict` is all of them right (GenEval accuracy). Compositions (scenes up to surface form: "A left of B" is
+"B right of A") are split train / held-out by a hash: held-out prompts combine seen words anew.
 """
 
 import random
@@ -145,36 +144,32 @@ def vocabulary() -> list[str]:
 # ----------------------------------------------------------------------------- the renderer
 # Bounding-box centres (pixels, 0..32) decide positions, for the renderer and the verifier alike (GenEval uses
 # box centres too). A relation needs a 4-pixel margin so that "left of" is never a judgement call.
+REGIONS = {  # POSITIONS key: the box of centres (x from, x to, y from, y to) it accepts, inclusive
+    "left": (0, 12, 0, 32),
+    "right": (20, 32, 0, 32),
+    "top": (0, 32, 0, 12),
+    "bottom": (0, 32, 20, 32),
+    "centre": (12, 20, 12, 20),
+}
+
+
 def in_region(cx, cy, pos):
     """Whether a box centre (cx, cy) lies in the region of a POSITIONS key."""
-    if pos == "left":
-        return cx <= 12
-    if pos == "right":
-        return cx >= 20
-    if pos == "top":
-        return cy <= 12
-    if pos == "bottom":
-        return cy >= 20
-    if pos == "centre":
-        return abs(cx - 16) <= 4 and abs(cy - 16) <= 4
-    raise KeyError(pos)
+    x0, x1, y0, y1 = REGIONS[pos]
+    return x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+AXIS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1), "below": (1, 1)}  # axis, sign
 
 
 def related(a, b, rel):
     """Whether box centre a = (cx, cy) stands in relation `rel` (a RELATIONS phrase) to box centre b."""
-    if rel == "to the left of":
-        return a[0] <= b[0] - 4
-    if rel == "to the right of":
-        return a[0] >= b[0] + 4
-    if rel == "above":
-        return a[1] <= b[1] - 4
-    if rel == "below":
-        return a[1] >= b[1] + 4
-    raise KeyError(rel)
+    axis, sign = AXIS[rel]
+    return sign * (a[axis] - b[axis]) >= 4
 
 
 def _template(shape, n):
-    """An n x n mask, cropped to its pixels (a small circle loses its empty corner rows)."""
+    """An n x n mask, cropped to its pixels (a triangle of even n loses an empty row)."""
     u = np.arange(n) + 0.5 - n / 2
     y, x = np.meshgrid(u, u, indexing="ij")  # (n, n) each, pixel centres about the box centre
     if shape == "square":
@@ -187,13 +182,14 @@ def _template(shape, n):
     return m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-SIZES = (9, 10, 11, 12)  # box sides in pixels: the size jitter
+# One size on the toy model's 4x4-pixel token grid, always 3x3 tokens: sizes 9-12 at any pixel gave blobs
+SIZES = (10,)  # box sides in pixels
 TEMPLATES = {(s, n): _template(s, n) for s in SHAPES for n in SIZES}
 
 
 def _layout(scene: Scene, rng: random.Random):
-    """Place every object by rejection sampling, as [(colour, mask, y0, x0)]: inside the canvas, a 1-pixel gap
-    between boxes (so objects never merge into one connected component), its region or relation satisfied."""
+    """Place every object by rejection sampling, as [(colour, mask, y0, x0)]: in a 12x12 cell at a multiple of
+    4 pixels, a gap between boxes (objects never merge into one component), its region or relation held."""
 
     def fits(y0, x0, h, w, gi, boxes):
         for by, bx, bh, bw, _ in boxes:
@@ -214,7 +210,7 @@ def _layout(scene: Scene, rng: random.Random):
                 mask = TEMPLATES[shape, rng.choice(SIZES)]
                 h, w = mask.shape
                 for _ in range(200):
-                    y0, x0 = rng.randint(1, 31 - h), rng.randint(1, 31 - w)
+                    y0, x0 = (4 * rng.randint(0, 5) + 1 + (10 - n) // 2 for n in (h, w))  # in its cell
                     if fits(y0, x0, h, w, gi, boxes):
                         break
                 else:
@@ -240,6 +236,7 @@ def render(prompts: list[str], seed: int = 0) -> torch.Tensor:
 COLOUR_TOL = 0.25  # a pixel takes the nearest palette colour within this RGB distance, else it is background
 MIN_AREA = 6  # smaller components are specks, not objects (the smallest rendered object has 25 pixels)
 WINDOW = 20  # side of the window, centred on a component's box, in which its shape is matched
+MIN_IOU = 0.7  # a component is an object of a shape only if a template fits it this well (rendered: 1.0)
 
 
 def _shape_bank():
@@ -271,8 +268,9 @@ def _grow(label):
 
 
 def detect(images: torch.Tensor) -> list[list[tuple]]:
-    """Objects in each image as (colour, shape, cx, cy): segment by colour, 4-connected components, and the
-    shape whose template overlaps the component best."""
+    """Components in each image as (colour, shape, cx, cy, iou): segment by colour, 4-connected components of
+    at least MIN_AREA pixels, the template that overlaps each best and its IoU. A component that fits no
+    template with IoU >= MIN_IOU has shape None: a blob or a fragment, not an object of any shape."""
     n, _, h, w = images.shape
     K = len(COLOURS)  # the palette's size
     palette = torch.tensor(list(COLOURS.values()))  # (K, 3)
@@ -307,19 +305,21 @@ def detect(images: torch.Tensor) -> list[list[tuple]]:
     window[inv[inside], (wy * WINDOW + wx)[inside]] = 1.0
     overlap = window @ SHAPE_BANK.T  # (M, T)
     iou = overlap / (area[:, None] + SHAPE_BANK.sum(1) - overlap)  # (M, T), area incl. pixels off the window
-    shape = SHAPE_OF[iou.argmax(1)]  # (M,) SHAPES index
+    fit, best = iou.max(1)  # (M,) each: the best template's IoU and index
     cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2  # (M,) box centres in pixels
     plane_of = uniq // (h * w + 1)  # (M,) the plane: image plane_of // K, colour plane_of % K
     objects, names = [[] for _ in range(n)], list(COLOURS)
-    for u, a, s, x, y in zip(*(c.tolist() for c in (plane_of, area, shape, cx, cy)), strict=True):
+    for u, a, s, q, x, y in zip(
+        *(c.tolist() for c in (plane_of, area, SHAPE_OF[best], fit, cx, cy)), strict=True
+    ):
         if a >= MIN_AREA:
-            objects[u // K].append((names[u % K], SHAPES[s], x, y))
+            objects[u // K].append((names[u % K], SHAPES[s] if q >= MIN_IOU else None, x, y, q))
     return objects
 
 
 def atoms(scene: Scene, objects: list[tuple]) -> dict[str, bool]:
     """GenEval-style checks of one image's objects against its scene, by name."""
-    found = [[(cx, cy) for c, s, cx, cy in objects if (c, s) == group[1:]] for group in scene.groups]
+    found = [[(cx, cy) for c, s, cx, cy, _ in objects if (c, s) == group[1:]] for group in scene.groups]
     out = {}
     for (count, colour, shape), boxes in zip(scene.groups, found, strict=True):
         out[f"object: {colour} {shape}"] = len(boxes) > 0

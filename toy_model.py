@@ -2,7 +2,7 @@
 A tiny FLUX-class text-to-image model, pretrained from scratch on the toy world of toy.py: the bundle in
 assets/toy/ that every script loads as the model "toy" (models.load_model).
 
-    python toy_model.py               # rebuild assets/toy/ (~10 min on one CPU core), evaluate, samples.png
+    python toy_model.py               # rebuild assets/toy/ (~15-25 min on a CPU core), evaluate, samples.png
     python toy_model.py --eval-only   # evaluate the committed bundle on held-out prompts (ode and flow SDE)
     python toy_model.py --steps 20 --eval-prompts 10 --output-dir /tmp/toy   # a smoke test, under a minute
 
@@ -12,8 +12,8 @@ The model is FLUX in miniature: a FluxTransformer2DModel over 64 tokens of 4x4 p
 (models.toy_images_to_latents, an exact space-to-depth in place of the VAE), conditioned by a 2-layer CLIP
 text encoder over a word-level tokenizer of the grammar, both trained jointly from scratch by flow matching
 with FLUX's sigma convention, so the sampler's FLUX adapter samples it unchanged. The loss is weighted up
-along object edges (`edge_weights`); even so, the default build learns colour, place and rough count, and
-shape barely (README, "The toy world", has the numbers).
+along object edges (`edge_weights`). Shapes are learned because the world draws every object as the same 3x3
+tokens (toy.py); count and relations much less (README, "The toy world", has the numbers).
 """
 
 import json
@@ -54,7 +54,7 @@ class Args:
     """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
     edge_weight: float = 4.0
     """extra loss weight on pixels at an object's edge, where its shape is drawn (0: plain flow matching)"""
-    dim: int = 96
+    dim: int = 128
     """transformer width (heads of 32 channels)"""
     num_layers: int = 2
     """FLUX double-stream (joint text/image) blocks"""

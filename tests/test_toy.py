@@ -74,7 +74,7 @@ def draw(objects):
     """A hand-built scene: objects (colour, shape, size, x0, y0) pasted at exact pixels."""
     image = torch.zeros(3, 32, 32)
     for colour, shape, size, x0, y0 in objects:
-        mask = torch.from_numpy(toy.TEMPLATES[shape, size])
+        mask = torch.from_numpy(toy._template(shape, size))  # any size the verifier knows, 7 to 14
         h, w = mask.shape
         image[:, y0 : y0 + h, x0 : x0 + w][:, mask] = torch.tensor(COLOURS[colour])[:, None]
     return image
@@ -174,7 +174,7 @@ def test_ragged_shapes_keep_their_shape():
     image[:, 17, 23:25] = blue[:, None]  # a 2-pixel spur on the circle's top
     image[:, 24, 18] = 0  # a bite out of its left side
     objects = sorted(toy.detect(image[None])[0])
-    assert [(c, s) for c, s, _, _ in objects] == [("blue", "circle"), ("red", "square")]
+    assert [(c, s) for c, s, *_ in objects] == [("blue", "circle"), ("red", "square")]
 
 
 def test_verify_is_fast():
@@ -189,3 +189,21 @@ def _timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def test_blobs_and_fragments_are_no_shape():
+    """A component counts as an object only if a template fits it with IoU >= MIN_IOU; rendered scenes fit
+    exactly. A bar (a fragment) or a ring (a ragged blob) of the prompt's colour is no red circle."""
+    prompts = toy.sample_prompts("heldout", 200, seed=5)
+    assert {q for objs in toy.detect(toy.render(prompts, seed=5)) for *_, q in objs} == {1.0}
+    bar = torch.ones(4, 10, dtype=torch.bool)
+    ring = torch.from_numpy(toy._template("circle", 12)).clone()
+    ring[3:9, 3:9] = False
+    for blob in (bar, ring):
+        image = torch.zeros(3, 32, 32)
+        image[:, 5 : 5 + blob.shape[0], 5 : 5 + blob.shape[1]][:, blob] = torch.tensor(COLOURS["red"])[
+            :, None
+        ]
+        (found,) = toy.detect(image[None])
+        assert [(c, s) for c, s, *_ in found] == [("red", None)] and found[0][4] < toy.MIN_IOU
+        assert toy.verify(image[None], ["a red circle"]).score.item() == 0
