@@ -183,7 +183,7 @@ def _template(shape, n):
 
 
 # One size on the toy model's 4x4-pixel token grid, always 3x3 tokens: sizes 9-12 at any pixel gave blobs
-SIZES = (10,)  # box sides in pixels
+SIZES, CELL = (10,), 12  # box sides in pixels; each object centred in a CELL x CELL cell
 TEMPLATES = {(s, n): _template(s, n) for s in SHAPES for n in SIZES}
 
 
@@ -210,7 +210,7 @@ def _layout(scene: Scene, rng: random.Random):
                 mask = TEMPLATES[shape, rng.choice(SIZES)]
                 h, w = mask.shape
                 for _ in range(200):
-                    y0, x0 = (4 * rng.randint(0, 5) + 1 + (10 - n) // 2 for n in (h, w))  # in its cell
+                    y0, x0 = (4 * rng.randint(0, (32 - CELL) // 4) + (CELL - n) // 2 for n in (h, w))
                     if fits(y0, x0, h, w, gi, boxes):
                         break
                 else:
