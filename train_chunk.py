@@ -18,7 +18,11 @@ chunks (2 of 4 in the recipe), drawn uniformly or, with `--chunk-weighted-sampli
 proportional to the chunk's mean L1rel on that trajectory; only the selection changes, the loss is not
 reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is sequence-level (GSPO-like). Note that
 uneven chunks reweight steps: a step in a size-2 chunk gets about twice the gradient weight it has in
-step-level GRPO, one in the size-7 chunk about 0.57x.
+step-level GRPO, one in the size-7 chunk about 0.57x. `--chunk-ratio step` is the control for everything
+chunking changes besides the ratio: the same chunks selected and the same 1/|chunk| step weights, but each step
+its own ratio and clip,
+
+    loss = mean_{t in chunk j} max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)),   r_t = exp(logp_theta_t - logp_old_t)
 """
 
 import json
@@ -59,6 +63,9 @@ class ChunkArgs(Args):
     """draw the trained chunks with probabilities from each chunk's mean L1rel on the trajectory (GCPO)"""
     chunk_weighting: Literal["normalized", "softmax"] = "normalized"
     """with --chunk-weighted-sampling: p proportional to the mean L1rel (normalized) or to its softmax"""
+    chunk_ratio: Literal["chunk", "step"] = "chunk"
+    """chunk: one ratio and clip per chunk (GCPO); step: the control, a ratio and clip per step, averaged over
+    the chunk (same selection and step weights; chunks of size 1 make both step-level GRPO)"""
 
 
 PRESETS = recipes.CHUNK  # the trainer's recipes; the toy one cuts the toy model's own L1rel curve
@@ -110,9 +117,13 @@ def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
         offset = torch.arange(len(seg), device=device) - (c.cumsum(0) - c)[seg]  # (M,) its step in the chunk
         r, t = row[u][seg], start[u][seg] + offset  # (M,) each forward row's trajectory and step
         logp, kl = learner.log_probs(traj, r, t)  # (M,), (M,)
+        log_ratio = logp - traj.log_probs[r, t]  # (M,)
         # r_j = exp(mean_{t in chunk j}(logp_theta_t - logp_old_t))  (GCPO Eq. 15)
-        ratio = chunk_mean(logp - traj.log_probs[r, t], seg, c).exp()  # (m,)
-        loss = ppo_clip_loss(ratio, adv[row[u]], a.clip_range) + a.beta * chunk_mean(kl, seg, c)
+        ratio = chunk_mean(log_ratio, seg, c).exp()  # (m,)
+        if a.chunk_ratio == "chunk":
+            loss = ppo_clip_loss(ratio, adv[row[u]], a.clip_range) + a.beta * chunk_mean(kl, seg, c)
+        else:  # the control: each step's own ratio and clip, averaged over its chunk (still reported: r_j)
+            loss = chunk_mean(ppo_clip_loss(log_ratio.exp(), adv[r], a.clip_range) + a.beta * kl, seg, c)
         if learner.kept is not None:  # see train_grpo.step_loss
             loss = loss * learner.kept[row[u]]
         (loss.sum() * scale / k).backward()
@@ -175,6 +186,7 @@ def describe_chunks(args: ChunkArgs, T: int) -> list[str]:
     return [
         f"chunk layout ({args.chunk_layout}): {sizes}, K = {len(sizes)}",
         f"trained chunks per trajectory: {k} of {len(sizes)}, selection {selection}",
+        f"importance ratio: {'one per chunk (GCPO)' if args.chunk_ratio == 'chunk' else 'one per step (control)'}",
     ]
 
 

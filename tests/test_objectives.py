@@ -57,8 +57,9 @@ def grads_of(model, fn):
     return out, torch.cat([p.grad.flatten() for p in model.transformer.parameters() if p.grad is not None])
 
 
+@pytest.mark.parametrize("chunk_ratio", ["chunk", "step"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_chunks_of_size_one_equal_the_step_objective(batch, beta, tiny_flux_dir):
+def test_chunks_of_size_one_equal_the_step_objective(batch, beta, chunk_ratio, tiny_flux_dir):
     model, traj, adv = batch
     T = traj.log_probs.shape[1]
     # nudge the weights so ratios differ from 1 and some get clipped
@@ -66,7 +67,7 @@ def test_chunks_of_size_one_equal_the_step_objective(batch, beta, tiny_flux_dir)
         for p in model.transformer.parameters():
             p.add_(torch.randn_like(p) * 1e-3)
     ref = load_model(tiny_flux_dir, height=32, width=32).transformer if beta else None  # the un-nudged base
-    args = ChunkArgs(clip_range=1e-3, beta=beta, train_batch_size=4)
+    args = ChunkArgs(clip_range=1e-3, beta=beta, train_batch_size=4, chunk_ratio=chunk_ratio)
     learner = Learner(model, ref, args)
     rows = torch.tensor([0, 2, 3, 5])
     steps = torch.stack([torch.randperm(T, generator=torch.Generator().manual_seed(i))[:3] for i in range(4)])
@@ -96,14 +97,16 @@ def test_pack_fills_batches_longest_first_and_gives_an_oversized_chunk_its_own()
     assert pack([], 4) == []
 
 
+@pytest.mark.parametrize("chunk_ratio", ["chunk", "step"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 @pytest.mark.parametrize("train_batch_size, forwards", [(1, 10), (5, 4), (64, 1)])
 def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
-    batch, nudged, beta, train_batch_size, forwards, monkeypatch
+    batch, nudged, beta, train_batch_size, forwards, chunk_ratio, monkeypatch
 ):
     _, traj, adv = batch
     policy, ref = nudged
-    learner = Learner(policy, ref if beta else None, ChunkArgs(clip_range=2e-4, beta=beta))
+    args = ChunkArgs(clip_range=2e-4, beta=beta, chunk_ratio=chunk_ratio)
+    learner = Learner(policy, ref if beta else None, args)
     learner.kept = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # trajectory 3 dropped (a non-finite reward)
     sizes, scale = [1, 2, 3], 0.2  # T = 6 steps
     rows = torch.tensor([4, 0, 3, 1, 5])
@@ -115,8 +118,10 @@ def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
             for j in picked:
                 steps = torch.arange(sum(sizes[:j]), sum(sizes[: j + 1]))
                 logp, kl = learner.log_probs(traj, torch.full_like(steps, row), steps)
-                ratio = (logp - traj.log_probs[row, steps]).mean().exp()
-                surrogate = torch.maximum(-adv[row] * ratio, -adv[row] * ratio.clamp(1 - eps, 1 + eps))
+                log_ratio = logp - traj.log_probs[row, steps]
+                ratio = log_ratio.mean().exp()
+                r = ratio if chunk_ratio == "chunk" else log_ratio.exp()  # the control: a ratio per step
+                surrogate = torch.maximum(-adv[row] * r, -adv[row] * r.clamp(1 - eps, 1 + eps)).mean()
                 loss = (surrogate + beta * kl.mean()) * learner.kept[row]
                 (loss * scale / chunks.shape[1]).backward()
                 ratios.append(ratio.detach())
@@ -197,3 +202,27 @@ def test_args_defaults_are_the_gcpo_recipe():
     assert (a.clip_range, a.learning_rate, a.max_grad_norm, a.timestep_fraction) == (5e-5, 1e-5, 0.01, 0.5)
     assert a.chunk_sizes == (2, 3, 4, 7) and a.chunk_fraction == 0.5 and not a.chunk_weighted_sampling
     assert isinstance(a, Args)
+
+
+def test_the_step_ratio_control_differs_from_the_chunk_ratio_only_where_ratios_leave_one(batch, nudged):
+    """`--chunk-ratio step` and GCPO's chunk ratio give one gradient on-policy (every ratio 1) and two once the
+    policy has moved: the control isolates the shared ratio and clip."""
+    _, traj, adv = batch
+    policy, _ = nudged
+    rows, chunks, sizes = torch.tensor([0, 4]), torch.tensor([[2], [1]]), [1, 2, 3]
+
+    def grad(chunk_ratio, log_probs=None):
+        learner = Learner(policy, None, ChunkArgs(clip_range=2e-4, chunk_ratio=chunk_ratio))
+        if log_probs is not None:
+            learner.log_probs = log_probs
+        return grads_of(policy, lambda: chunk_loss(learner, traj, adv, rows, chunks, sizes, 1.0))[1]
+
+    assert (grad("chunk") - grad("step")).abs().max() > 1e-3 * grad("chunk").abs().max()
+    learner = Learner(policy, None, ChunkArgs())
+
+    def as_if_on_policy(traj_, r, t):  # the stored log-probs are the policy's own: every ratio exactly 1
+        logp, kl = learner.log_probs(traj_, r, t)
+        return logp - logp.detach() + traj_.log_probs[r, t], kl
+
+    on_chunk, on_step = grad("chunk", as_if_on_policy), grad("step", as_if_on_policy)
+    torch.testing.assert_close(on_chunk, on_step, atol=1e-6 * on_chunk.abs().max().item(), rtol=1e-5)
