@@ -19,10 +19,10 @@ proportional to the chunk's mean L1rel on that trajectory; only the selection ch
 reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is sequence-level (GSPO-like). Note that
 uneven chunks reweight steps: a step in a size-2 chunk gets about twice the gradient weight it has in
 step-level GRPO, one in the size-7 chunk about 0.57x. `--chunk-ratio step` is the control for everything
-chunking changes besides the ratio: the same chunks selected and the same 1/|chunk| step weights, but each step
-its own ratio and clip,
+chunking changes besides the ratio: the same chunks selected and the same 1/|chunk| step weights, but each
+step its own ratio and clip,
 
-    loss = mean_{t in chunk j} max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)),   r_t = exp(logp_theta_t - logp_old_t)
+    loss = mean_{t in chunk j} max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)),    r_t = exp(logp_t - logp_old_t)
 """
 
 import json
@@ -186,7 +186,8 @@ def describe_chunks(args: ChunkArgs, T: int) -> list[str]:
     return [
         f"chunk layout ({args.chunk_layout}): {sizes}, K = {len(sizes)}",
         f"trained chunks per trajectory: {k} of {len(sizes)}, selection {selection}",
-        f"importance ratio: {'one per chunk (GCPO)' if args.chunk_ratio == 'chunk' else 'one per step (control)'}",
+        "importance ratio: "
+        + ("one per chunk (GCPO)" if args.chunk_ratio == "chunk" else "one per step (control)"),
     ]
 
 

@@ -205,8 +205,8 @@ def test_args_defaults_are_the_gcpo_recipe():
 
 
 def test_the_step_ratio_control_differs_from_the_chunk_ratio_only_where_ratios_leave_one(batch, nudged):
-    """`--chunk-ratio step` and GCPO's chunk ratio give one gradient on-policy (every ratio 1) and two once the
-    policy has moved: the control isolates the shared ratio and clip."""
+    """`--chunk-ratio step` and GCPO's chunk ratio give one gradient on-policy (every ratio 1) and two once
+    the policy has moved: the control isolates the shared ratio and clip."""
     _, traj, adv = batch
     policy, _ = nudged
     rows, chunks, sizes = torch.tensor([0, 4]), torch.tensor([[2], [1]]), [1, 2, 3]

@@ -1,0 +1,356 @@
+"""
+Chunk-GRPO's ablations (arXiv 2510.21583) on the toy world, with seeds, a control and learning curves. One
+command reruns the whole study and writes its table and figures; run it again and it resumes where it stopped.
+
+    python experiments/ablations.py                   # everything: about 2.5 h on 2 cores
+    python experiments/ablations.py --only step control --seeds 0 --iterations 4 --output-dir /tmp/a
+
+Every run is the toy preset of train_grpo.py or train_chunk.py plus its configuration's flags, one CPU thread
+a process, --jobs processes at once. After training, a run's checkpoints are scored on held-out prompts of the
+toy grammar (17-step ODE; a prompt's noise is fixed by its index, so every model sees the same noise): every
+--eval-every iterations on the first --curve-prompts prompts, the last one on --num-prompts. A finished run
+leaves heldout.json; an interrupted one continues from its last checkpoint (--resume).
+
+Writes --output-dir/{table.md, results.json} and, with matplotlib installed, ablation_curves.png (held-out and
+training reward per configuration, mean over seeds +- 1 std) and ablation_sweep.png beside them.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import toy  # noqa: E402
+from checkpoints import checkpoints  # noqa: E402
+from report import geneval_breakdown  # noqa: E402
+
+W = ["--chunk-weighted-sampling"]
+GCPO_LAYOUT = ["--chunk-layout", "fixed", "--chunk-sizes", "2", "3", "4", "7"]
+# name: (trainer, flags, what it is). The toy chunk preset cuts the toy model's own L1rel curve into 4 chunks.
+STUDY = {
+    "step": ("train_grpo.py", [], "step-level GRPO"),
+    "chunk": ("train_chunk.py", [], "chunk-level, L1rel-curve layout, uniform selection"),
+    "chunk-weighted": ("train_chunk.py", W, "chunk-level, L1rel-curve layout, weighted selection (GCPO)"),
+    "chunk-gcpo-layout": (
+        "train_chunk.py",
+        W + GCPO_LAYOUT,
+        "chunk-weighted with GCPO's layout [2, 3, 4, 7]",
+    ),
+    "control": ("train_chunk.py", W + ["--chunk-ratio", "step"], "chunk-weighted's steps, a ratio per step"),
+    "step-slas-0.5": ("train_grpo.py", ["--slas-gamma", "0.5"], "step-level, SLAS gamma 0.5"),
+    "step-slas-1.0": ("train_grpo.py", ["--slas-gamma", "1.0"], "step-level, SLAS gamma 1.0"),
+    "chunk-weighted-slas-0.5": ("train_chunk.py", W + ["--slas-gamma", "0.5"], "chunk-weighted, SLAS 0.5"),
+    "chunk-weighted-slas-1.0": ("train_chunk.py", W + ["--slas-gamma", "1.0"], "chunk-weighted, SLAS 1.0"),
+    "step-batch-std": (
+        "train_grpo.py",
+        ["--adv-std", "batch"],
+        "step-level, Flow-GRPO's batch-std advantages",
+    ),
+}
+SIZES = (1, 2, 4, 8, 16)  # uniform chunk sizes over T = 16: 1 is step-level, 16 sequence-level
+SWEEP = {
+    f"size-{s}": ("train_chunk.py", ["--chunk-layout", "uniform", "--chunk-size", str(s)], f"chunks of {s}")
+    for s in SIZES
+}
+CONFIGS = STUDY | SWEEP
+# The paper's claims as paired comparisons (A, B): A - B per seed, the two runs seeing the same prompts and
+# the same first noise.
+CLAIMS = [
+    ("chunk-level beats step-level", "chunk", "step"),
+    ("weighted chunk selection helps", "chunk-weighted", "chunk"),
+    ("chunk-weighted beats step-level", "chunk-weighted", "step"),
+    ("the L1rel-curve layout vs GCPO's [2, 3, 4, 7]", "chunk-weighted", "chunk-gcpo-layout"),
+    ("the shared chunk ratio and clip matter (3 vs 5)", "chunk-weighted", "control"),
+    ("SLAS 0.5 helps step-level", "step-slas-0.5", "step"),
+    ("SLAS 1.0 helps step-level", "step-slas-1.0", "step"),
+    ("SLAS 0.5 helps chunk-weighted", "chunk-weighted-slas-0.5", "chunk-weighted"),
+    ("SLAS 1.0 helps chunk-weighted", "chunk-weighted-slas-1.0", "chunk-weighted"),
+    ("batch std vs group std (step-level)", "step-batch-std", "step"),
+    ("chunks of size 1 are step-level (must be ~0)", "size-1", "step"),
+]
+CATEGORIES = ("single_object", "counting", "position", "two_object", "relation")
+
+
+@dataclass
+class Args:
+    iterations: int = 24
+    """training iterations of every run (the toy presets run 100; shortened so the study fits ~2.5 h)"""
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    """seeds of each configuration"""
+    sweep_seeds: tuple[int, ...] = (0, 1)
+    """seeds of each chunk size of the sweep"""
+    jobs: int = 2
+    """runs at once, one CPU thread each"""
+    eval_every: int = 8
+    """iterations between the held-out points of the learning curves (and between checkpoints)"""
+    curve_prompts: int = 200
+    """held-out prompts of each intermediate point of the curves"""
+    num_prompts: int = 1000
+    """held-out prompts of the base and of each run's last checkpoint (the table)"""
+    only: tuple[str, ...] = ()
+    """run and report only these configurations (names in experiments/ablations.py); default: all"""
+    output_dir: str = "experiments/ablation"
+    """runs/, table.md, results.json and the figures"""
+    job: str | None = None
+    """internal: run one job (`base` or `NAME:SEED`) in this process"""
+
+
+# ----------------------------------------------------------------------------- one job
+def score(folder, prompts, label):
+    """Per-prompt held-out reward and 0/1 strict accuracy of the toy model (folder None: the base)."""
+    import eval as ev
+    from models import load_model
+    from recipes import EVAL
+    from rewards import build_reward
+
+    args = ev.Args(**EVAL["toy"])
+    model = load_model("toy", quantize_timestep=True)
+    rows = [(label, folder, args.num_steps)]
+    records, _ = ev.evaluate(model, rows, prompts, build_reward(["toy"]), args, toy_world=True)
+    records.sort(key=lambda r: r["prompt_index"])
+    return [r["scores"]["toy"] for r in records], [r["scores"]["strict"] for r in records]
+
+
+def run_job(args: Args, job: str):
+    """Train one configuration and seed (or score the base), then score its checkpoints into heldout.json."""
+    from prompts import PromptSource
+
+    torch.set_num_threads(1)
+    prompts = PromptSource("toy:heldout", toy_split="heldout").head(args.num_prompts)
+    out = Path(args.output_dir, "runs", job.replace(":", "-s"))
+    start = time.perf_counter()
+    if job == "base":
+        reward, strict = score(None, prompts, "base")
+        points = {"0": {"reward": reward, "strict": strict}}
+    else:
+        name, seed = job.split(":")
+        trainer, flags, _ = CONFIGS[name]
+        command = [sys.executable, str(ROOT / trainer), "--preset", "toy", "--seed", seed, "--resume"]
+        command += ["--num-iterations", str(args.iterations), "--checkpoint-every", str(args.eval_every)]
+        command += ["--image-every", "0", "--output-dir", str(out), *flags]
+        subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        points = {}
+        found = checkpoints(out)
+        for ckpt in found:
+            last = ckpt == found[-1]
+            subset = prompts if last else prompts[: args.curve_prompts]
+            reward, strict = score(ckpt / "transformer", subset, ckpt.name)
+            points[str(int(ckpt.name.split("_")[1]))] = {"reward": reward, "strict": strict}
+        for ckpt in found[:-1]:  # scored: only the last checkpoint is kept
+            shutil.rmtree(ckpt)
+    record = {"job": job, "seconds": time.perf_counter() - start, "points": points}
+    (out / "heldout.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "heldout.json").write_text(json.dumps(record))
+
+
+def spawn(args: Args, job: str, log: Path) -> float:
+    """Run one job in a fresh one-thread process; its wall time in minutes."""
+    flags = ["--iterations", str(args.iterations), "--eval-every", str(args.eval_every)]
+    flags += ["--curve-prompts", str(args.curve_prompts), "--num-prompts", str(args.num_prompts)]
+    flags += ["--output-dir", args.output_dir, "--job", job]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, *flags], env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"job {job} failed (exit {proc.returncode}); see {log}")
+    return (time.perf_counter() - start) / 60
+
+
+# ----------------------------------------------------------------------------- the report
+def mean_sd_se(x: list[float]) -> tuple[float, float, float]:
+    t = torch.tensor(x, dtype=torch.float64)
+    sd = t.std().item() if len(t) > 1 else float("nan")
+    return t.mean().item(), sd, sd / len(t) ** 0.5
+
+
+def load_runs(args: Args, names):
+    """{name: {seed: heldout record + its training rewards}} of the finished runs."""
+    runs = {}
+    for name in names:
+        for path in sorted(Path(args.output_dir, "runs").glob(f"{name}-s*/heldout.json")):
+            seed = int(path.parent.name.rsplit("-s", 1)[1])
+            record = json.loads(path.read_text())
+            metrics = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+            record["train"] = [m["reward"] for m in metrics]
+            runs.setdefault(name, {})[seed] = record
+    return runs
+
+
+def summarize(args: Args, names) -> dict:
+    from prompts import PromptSource
+
+    base = json.loads(Path(args.output_dir, "runs", "base", "heldout.json").read_text())["points"]["0"]
+    prompts = PromptSource("toy:heldout", toy_split="heldout").head(args.num_prompts)
+    cats = [toy.category(p) for p in prompts]
+    r0 = torch.tensor(base["reward"], dtype=torch.float64)
+    out = {"base": {"reward": r0.mean().item(), "categories": breakdown(base["strict"], cats)}, "configs": {}}
+    for name, seeds in load_runs(args, names).items():
+        rows = {}
+        for seed, rec in sorted(seeds.items()):
+            final = rec["points"][max(rec["points"], key=int)]
+            d = torch.tensor(final["reward"], dtype=torch.float64) - r0  # paired with the base, per prompt
+            rows[seed] = {
+                "delta": d.mean().item(),
+                "delta_se": (d.std() / len(d) ** 0.5).item(),
+                "categories": breakdown(final["strict"], cats),
+                # every point of a curve on the same first curve_prompts prompts (the last one scored more)
+                "curve": {it: mean(p["reward"][: args.curve_prompts]) for it, p in rec["points"].items()},
+                "curve_base": mean(base["reward"][: args.curve_prompts]),
+                "train": rec["train"],
+                "minutes": rec["seconds"] / 60,
+            }
+        out["configs"][name] = {"description": CONFIGS[name][2], "seeds": rows}
+    return out
+
+
+def mean(x: list[float]) -> float:
+    return sum(x) / len(x)
+
+
+def breakdown(strict, cats):
+    """Strict accuracy per category and overall; nan for a category none of the prompts has."""
+    return (
+        {"overall": math.nan}
+        | dict.fromkeys(CATEGORIES, math.nan)
+        | geneval_breakdown(torch.tensor(strict), cats)
+    )
+
+
+def markdown(summary: dict, args: Args) -> str:
+    configs = summary["configs"]
+    lines = [
+        f"Toy world, {args.iterations} iterations per run; held-out: {args.num_prompts} prompts, 17-step "
+        f"ODE, the same noise for every model. Base: reward {summary['base']['reward']:.3f}. Delta = "
+        "held-out reward minus the base's, paired by prompt; mean +- standard error over seeds (SD: the "
+        "seeds' spread; paired SE: the evaluation's own error of one run, averaged).",
+        "",
+        "| configuration | seeds | Delta reward | SD | paired SE | per seed | strict | "
+        + " | ".join(CATEGORIES)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES),
+    ]
+    base_cats = summary["base"]["categories"]
+    lines.append(
+        "| base | - | - | - | - | - | "
+        + f"{base_cats['overall']:.3f} | "
+        + " | ".join(f"{base_cats[c]:.3f}" for c in CATEGORIES)
+        + " |"
+    )
+    for name, c in configs.items():
+        seeds = c["seeds"]
+        m, sd, se = mean_sd_se([s["delta"] for s in seeds.values()])
+        pse = sum(s["delta_se"] for s in seeds.values()) / len(seeds)
+        cat = {
+            k: sum(s["categories"][k] for s in seeds.values()) / len(seeds) for k in ("overall", *CATEGORIES)
+        }
+        per_seed = " ".join(f"{s['delta']:+.3f}" for s in seeds.values())
+        lines.append(
+            f"| {name} | {len(seeds)} | {m:+.3f} +- {se:.3f} | {sd:.3f} | {pse:.3f} | {per_seed} | "
+            + f"{cat['overall']:.3f} | "
+            + " | ".join(f"{cat[k]:.3f}" for k in CATEGORIES)
+            + " |"
+        )
+    lines += ["", "| claim | A - B | paired by seed: mean +- SE | seeds | reading |", "|---|---|---|---|---|"]
+    for claim, a, b in CLAIMS:
+        if a not in configs or b not in configs:
+            continue
+        common = sorted(set(configs[a]["seeds"]) & set(configs[b]["seeds"]))
+        diffs = [configs[a]["seeds"][s]["delta"] - configs[b]["seeds"][s]["delta"] for s in common]
+        m, _, se = mean_sd_se(diffs)
+        reading = "too few seeds" if len(diffs) < 2 else "no difference detected"
+        if len(diffs) > 1 and abs(m) > 2 * se:
+            reading = f"{a} {'higher' if m > 0 else 'lower'} (|mean| > 2 SE)"
+        lines.append(f"| {claim} | {a} - {b} | {m:+.3f} +- {se:.3f} | {len(diffs)} | {reading} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, args: Args):
+    """ablation_curves.png: held-out and training reward per configuration; ablation_sweep.png: the sweep."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("figures skipped: matplotlib is not installed (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"ablation_curves.png": list(STUDY), "ablation_sweep.png": list(SWEEP)}
+    for filename, names in groups.items():
+        names = [n for n in names if n in summary["configs"]]
+        if not names:
+            continue
+        fig, (held, train) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for i, name in enumerate(names):
+            seeds = list(summary["configs"][name]["seeds"].values())
+            colour, style = f"C{i % 10}", "-" if i < 10 else "--"
+            its = sorted({int(k) for s in seeds for k in s["curve"]})
+            its = [it for it in its if all(str(it) in s["curve"] for s in seeds)]
+            y = torch.tensor([[0.0] + [s["curve"][str(it)] - s["curve_base"] for it in its] for s in seeds])
+            x = [0, *its]
+            held.plot(x, y.mean(0), style, color=colour, marker="o", ms=3, label=name)
+            if len(seeds) > 1:
+                held.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=colour, alpha=0.12)
+            t = torch.tensor([s["train"] for s in seeds])
+            k = min(5, t.shape[1])  # a running mean: one iteration's 64 images are a noisy reading
+            smooth = torch.nn.functional.avg_pool1d(t[:, None], k, 1).squeeze(1)
+            xs = torch.arange(smooth.shape[1]) + k
+            train.plot(xs, smooth.mean(0), style, color=colour, label=name)
+            if len(seeds) > 1:
+                band = smooth.std(0)
+                train.fill_between(xs, smooth.mean(0) - band, smooth.mean(0) + band, color=colour, alpha=0.12)
+        held.axhline(0, color="k", lw=0.8)
+        held.set(xlabel="iteration", ylabel="held-out reward - base (first prompts, ODE)")
+        train.set(xlabel="iteration", ylabel=f"training reward ({k}-iteration mean)")
+        held.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(args.output_dir, filename), dpi=110)
+        plt.close(fig)
+        print(f"wrote {Path(args.output_dir, filename)}")
+
+
+# ----------------------------------------------------------------------------- main
+def main(args: Args):
+    if args.job is not None:
+        return run_job(args, args.job)
+    unknown = set(args.only) - set(CONFIGS)
+    if unknown:
+        sys.exit(f"error: unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    names = [n for n in CONFIGS if not args.only or n in args.only]
+    jobs = ["base"] + [f"{n}:{s}" for n in names for s in (args.sweep_seeds if n in SWEEP else args.seeds)]
+    runs = Path(args.output_dir, "runs")
+    todo = [j for j in jobs if not (runs / j.replace(":", "-s") / "heldout.json").is_file()]
+    print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {args.jobs} at a time")
+    done = 0
+
+    def one(job):
+        nonlocal done
+        minutes = spawn(args, job, runs.parent / "logs" / f"{job.replace(':', '-s')}.log")
+        done += 1
+        print(f"[{done}/{len(todo)}] {job}: {minutes:.1f} min", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, todo))
+    summary = summarize(args, names)
+    Path(args.output_dir, "results.json").write_text(json.dumps(summary, indent=1))
+    table = markdown(summary, args)
+    Path(args.output_dir, "table.md").write_text(table)
+    print(table)
+    plot(summary, args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
