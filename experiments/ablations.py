@@ -32,9 +32,14 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import eval as ev  # noqa: E402
 import toy  # noqa: E402
 from checkpoints import checkpoints  # noqa: E402
+from models import load_model  # noqa: E402
+from prompts import PromptSource  # noqa: E402
+from recipes import EVAL  # noqa: E402
 from report import geneval_breakdown  # noqa: E402
+from rewards import build_reward  # noqa: E402
 
 W = ["--chunk-weighted-sampling"]
 GCPO_LAYOUT = ["--chunk-layout", "fixed", "--chunk-sizes", "2", "3", "4", "7"]
@@ -110,11 +115,6 @@ class Args:
 # ----------------------------------------------------------------------------- one job
 def score(folder, prompts, label):
     """Per-prompt held-out reward and 0/1 strict accuracy of the toy model (folder None: the base)."""
-    import eval as ev
-    from models import load_model
-    from recipes import EVAL
-    from rewards import build_reward
-
     args = ev.Args(**EVAL["toy"])
     model = load_model("toy", quantize_timestep=True)
     rows = [(label, folder, args.num_steps)]
@@ -125,8 +125,6 @@ def score(folder, prompts, label):
 
 def run_job(args: Args, job: str):
     """Train one configuration and seed (or score the base), then score its checkpoints into heldout.json."""
-    from prompts import PromptSource
-
     torch.set_num_threads(1)
     prompts = PromptSource("toy:heldout", toy_split="heldout").head(args.num_prompts)
     out = Path(args.output_dir, "runs", job.replace(":", "-s"))
@@ -191,8 +189,6 @@ def load_runs(args: Args, names):
 
 
 def summarize(args: Args, names) -> dict:
-    from prompts import PromptSource
-
     base = json.loads(Path(args.output_dir, "runs", "base", "heldout.json").read_text())["points"]["0"]
     prompts = PromptSource("toy:heldout", toy_split="heldout").head(args.num_prompts)
     cats = [toy.category(p) for p in prompts]
@@ -243,27 +239,16 @@ def markdown(summary: dict, args: Args) -> str:
         + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES),
     ]
-    base_cats = summary["base"]["categories"]
-    lines.append(
-        "| base | - | - | - | - | - | "
-        + f"{base_cats['overall']:.3f} | "
-        + " | ".join(f"{base_cats[c]:.3f}" for c in CATEGORIES)
-        + " |"
-    )
+    accuracy = lambda cats: " | ".join(f"{cats[k]:.3f}" for k in ("overall", *CATEGORIES))  # noqa: E731
+    lines.append(f"| base | - | - | - | - | - | {accuracy(summary['base']['categories'])} |")
     for name, c in configs.items():
-        seeds = c["seeds"]
-        m, sd, se = mean_sd_se([s["delta"] for s in seeds.values()])
-        pse = sum(s["delta_se"] for s in seeds.values()) / len(seeds)
-        cat = {
-            k: sum(s["categories"][k] for s in seeds.values()) / len(seeds) for k in ("overall", *CATEGORIES)
-        }
-        per_seed = " ".join(f"{s['delta']:+.3f}" for s in seeds.values())
-        lines.append(
-            f"| {name} | {len(seeds)} | {m:+.3f} +- {se:.3f} | {sd:.3f} | {pse:.3f} | {per_seed} | "
-            + f"{cat['overall']:.3f} | "
-            + " | ".join(f"{cat[k]:.3f}" for k in CATEGORIES)
-            + " |"
-        )
+        seeds = c["seeds"].values()
+        m, sd, se = mean_sd_se([s["delta"] for s in seeds])
+        pse = mean([s["delta_se"] for s in seeds])
+        cats = {k: mean([s["categories"][k] for s in seeds]) for k in ("overall", *CATEGORIES)}
+        per_seed = " ".join(f"{s['delta']:+.3f}" for s in seeds)
+        row = f"| {name} | {len(seeds)} | {m:+.3f} +- {se:.3f} | {sd:.3f} | {pse:.3f} | {per_seed} | "
+        lines.append(row + accuracy(cats) + " |")
     lines += ["", "| claim | A - B | paired by seed: mean +- SE | seeds | reading |", "|---|---|---|---|---|"]
     for claim, a, b in CLAIMS:
         if a not in configs or b not in configs:

@@ -1,0 +1,108 @@
+"""
+Is a GRPO batch big enough to learn from? The policy gradient's signal-to-noise ratio on the toy world,
+measured: K independent batches of rollouts from one policy (B prompts x G images each, as an iteration of the
+toy preset samples them), each batch's gradient of the step-level GRPO loss at every denoising step, and the
+cosine between the gradients of different batches.
+
+    python experiments/gradient_snr.py                          # the toy preset's batch, 6 batches: ~4 min
+    python experiments/gradient_snr.py --eta 1.2 --fixed-prompts
+
+For unbiased estimates g_i = mu + n_i of one gradient mu from N trajectories each,
+E cos(g_i, g_j) ~ |mu|^2 / (|mu|^2 + tr(Sigma) / N): a mean cosine near 0 means a batch's gradient is noise,
+and N (1 - c) / c estimates the batch size at which the cosine would reach 1/2 (half signal).
+"""
+
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import toy  # noqa: E402
+from models import load_model  # noqa: E402
+from rewards import build_reward  # noqa: E402
+from sampler import rollout  # noqa: E402
+from train_grpo import Args as TrainArgs  # noqa: E402
+from train_grpo import Learner, compute_advantages, step_loss  # noqa: E402
+
+
+@dataclass
+class Args:
+    batches: int = 6
+    """K independent batches (K (K - 1) / 2 pairs of cosines)"""
+    prompts_per_batch: int = 8
+    """B training prompts a batch (the toy preset: 8)"""
+    num_generations: int = 16
+    """G images a prompt (the toy preset: 8; 16 halves the noise of the measurement)"""
+    fixed_prompts: bool = False
+    """the same B prompts in every batch (the noise of the images only), instead of fresh prompts"""
+    sde_mode: str = "flow"
+    """the sampler's SDE (flow, dance, cps)"""
+    eta: float = 0.7
+    """its noise level (the toy preset: flow, 0.7)"""
+    init_same_noise: str = "all"
+    """none, group or all (the toy preset: all)"""
+    seed: int = 0
+    threads: int = 2
+    """CPU threads"""
+
+
+def cosines(grads):
+    """Mean cosine over the pairs of (P,) gradients."""
+    pairs = itertools.combinations(grads, 2)
+    return sum(torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a, b in pairs) / (
+        len(grads) * (len(grads) - 1) / 2
+    )
+
+
+def main(args: Args):
+    torch.set_num_threads(args.threads)
+    model = load_model("toy")
+    reward_fn = build_reward(["toy"])
+    train = TrainArgs(sde_mode=args.sde_mode, eta=args.eta, clip_range=1e-3, train_batch_size=64)
+    learner = Learner(model, None, train)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    per_step, rewards = [], []  # K x (T, P) gradients, K mean rewards
+    for k in range(args.batches):
+        prompt_seed = args.seed if args.fixed_prompts else args.seed + 1000 * (k + 1)
+        prompts = toy.sample_prompts("train", args.prompts_per_batch, prompt_seed)
+        traj = rollout(
+            model,
+            prompts,
+            num_generations=args.num_generations,
+            mode=args.sde_mode,
+            eta=args.eta,
+            seed=args.seed + k,
+            init_same_noise=args.init_same_noise,
+            batch_size=64,
+        )
+        r, _ = reward_fn(traj.images, traj.prompts)
+        adv, _ = compute_advantages(r.float(), traj.group)
+        rows, T = torch.arange(len(adv)), traj.log_probs.shape[1]
+        grads = []
+        for t in range(T):  # each step's gradient on its own: one step, every trajectory, the mean over them
+            model.transformer.zero_grad(set_to_none=True)
+            step_loss(learner, traj, adv, rows, torch.full((len(rows), 1), t), 1.0 / len(rows))
+            grads.append(torch.cat([p.grad.flatten() for p in params]))
+        per_step.append(torch.stack(grads))
+        rewards.append(r.float().mean().item())
+        print(f"batch {k + 1}/{args.batches}: reward {rewards[-1]:.3f}", flush=True)
+
+    N = args.prompts_per_batch * args.num_generations
+    print(f"\n{args}\nmean reward {sum(rewards) / len(rewards):.3f}; {N} trajectories a batch\n")
+    print("| step | sigma | gradient norm | mean cosine between batches |\n|---|---|---|---|")
+    for t in range(T):
+        norm = sum(g[t].norm().item() for g in per_step) / len(per_step)
+        c = cosines([g[t] for g in per_step])
+        print(f"| {t} | {traj.sigmas[t].item():.3f} | {norm:.2e} | {c:+.4f} |")
+    c = cosines([g.sum(0) for g in per_step])
+    half = f"~{N * (1 - c) / c:.0f} trajectories" if c > 0 else "not estimable (cosine <= 0)"
+    print(f"\nall steps: mean cosine {c:+.4f}; batch for a cosine of 1/2: {half}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
