@@ -11,8 +11,8 @@ toy grammar (17-step ODE; a prompt's noise is fixed by its index, so every model
 --eval-every iterations on the first --curve-prompts prompts, the last one on --num-prompts. A finished run
 leaves heldout.json; an interrupted one continues from its last checkpoint (--resume).
 
-Writes --output-dir/{table.md, results.json} and, with matplotlib installed, ablation_curves.png (held-out and
-training reward per configuration, mean over seeds +- 1 std) and ablation_sweep.png beside them.
+Writes --output-dir/{table.md, results.json} and, with matplotlib installed, assets/ablation_curves.png
+(held-out and training reward per configuration, mean over seeds +- 1 std) and assets/ablation_sweep.png.
 """
 
 import json
@@ -48,21 +48,13 @@ STUDY = {
     "step": ("train_grpo.py", [], "step-level GRPO"),
     "chunk": ("train_chunk.py", [], "chunk-level, L1rel-curve layout, uniform selection"),
     "chunk-weighted": ("train_chunk.py", W, "chunk-level, L1rel-curve layout, weighted selection (GCPO)"),
-    "chunk-gcpo-layout": (
-        "train_chunk.py",
-        W + GCPO_LAYOUT,
-        "chunk-weighted with GCPO's layout [2, 3, 4, 7]",
-    ),
+    "chunk-gcpo-layout": ("train_chunk.py", W + GCPO_LAYOUT, "chunk-weighted, GCPO's layout [2, 3, 4, 7]"),
     "control": ("train_chunk.py", W + ["--chunk-ratio", "step"], "chunk-weighted's steps, a ratio per step"),
     "step-slas-0.5": ("train_grpo.py", ["--slas-gamma", "0.5"], "step-level, SLAS gamma 0.5"),
     "step-slas-1.0": ("train_grpo.py", ["--slas-gamma", "1.0"], "step-level, SLAS gamma 1.0"),
     "chunk-weighted-slas-0.5": ("train_chunk.py", W + ["--slas-gamma", "0.5"], "chunk-weighted, SLAS 0.5"),
     "chunk-weighted-slas-1.0": ("train_chunk.py", W + ["--slas-gamma", "1.0"], "chunk-weighted, SLAS 1.0"),
-    "step-batch-std": (
-        "train_grpo.py",
-        ["--adv-std", "batch"],
-        "step-level, Flow-GRPO's batch-std advantages",
-    ),
+    "step-batch-std": ("train_grpo.py", ["--adv-std", "batch"], "step-level, Flow-GRPO's batch std"),
 }
 SIZES = (1, 2, 4, 8, 16)  # uniform chunk sizes over T = 16: 1 is step-level, 16 sequence-level
 SWEEP = {
@@ -107,7 +99,9 @@ class Args:
     only: tuple[str, ...] = ()
     """run and report only these configurations (names in experiments/ablations.py); default: all"""
     output_dir: str = "experiments/ablation"
-    """runs/, table.md, results.json and the figures"""
+    """runs/, table.md and results.json"""
+    figures_dir: str = "assets"
+    """ablation_curves.png and ablation_sweep.png, for the README"""
     job: str | None = None
     """internal: run one job (`base` or `NAME:SEED`) in this process"""
 
@@ -146,18 +140,18 @@ def run_job(args: Args, job: str):
             subset = prompts if last else prompts[: args.curve_prompts]
             reward, strict = score(ckpt / "transformer", subset, ckpt.name)
             points[str(int(ckpt.name.split("_")[1]))] = {"reward": reward, "strict": strict}
-        for ckpt in found[:-1]:  # scored: only the last checkpoint is kept
-            shutil.rmtree(ckpt)
     record = {"job": job, "seconds": time.perf_counter() - start, "points": points}
-    (out / "heldout.json").parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "heldout.json").write_text(json.dumps(record))
+    for ckpt in checkpoints(out)[:-1]:  # scored and recorded: only the last checkpoint is kept
+        shutil.rmtree(ckpt)
 
 
 def spawn(args: Args, job: str, log: Path) -> float:
     """Run one job in a fresh one-thread process; its wall time in minutes."""
     flags = ["--iterations", str(args.iterations), "--eval-every", str(args.eval_every)]
     flags += ["--curve-prompts", str(args.curve_prompts), "--num-prompts", str(args.num_prompts)]
-    flags += ["--output-dir", args.output_dir, "--job", job]
+    flags += ["--output-dir", args.output_dir, "--figures-dir", args.figures_dir, "--job", job]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -179,8 +173,11 @@ def load_runs(args: Args, names):
     """{name: {seed: heldout record + its training rewards}} of the finished runs."""
     runs = {}
     for name in names:
-        for path in sorted(Path(args.output_dir, "runs").glob(f"{name}-s*/heldout.json")):
-            seed = int(path.parent.name.rsplit("-s", 1)[1])
+        for path in sorted(Path(args.output_dir, "runs").glob(f"{name}-s[0-9]*/heldout.json")):
+            config, seed = path.parent.name.rsplit("-s", 1)  # "step-s*" also matches "step-slas-0.5-s0"
+            if config != name:
+                continue
+            seed = int(seed)
             record = json.loads(path.read_text())
             metrics = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
             record["train"] = [m["reward"] for m in metrics]
@@ -219,11 +216,7 @@ def mean(x: list[float]) -> float:
 
 def breakdown(strict, cats):
     """Strict accuracy per category and overall; nan for a category none of the prompts has."""
-    return (
-        {"overall": math.nan}
-        | dict.fromkeys(CATEGORIES, math.nan)
-        | geneval_breakdown(torch.tensor(strict), cats)
-    )
+    return dict.fromkeys(("overall", *CATEGORIES), math.nan) | geneval_breakdown(torch.tensor(strict), cats)
 
 
 def markdown(summary: dict, args: Args) -> str:
@@ -295,16 +288,17 @@ def plot(summary: dict, args: Args):
             xs = torch.arange(smooth.shape[1]) + k
             train.plot(xs, smooth.mean(0), style, color=colour, label=name)
             if len(seeds) > 1:
-                band = smooth.std(0)
-                train.fill_between(xs, smooth.mean(0) - band, smooth.mean(0) + band, color=colour, alpha=0.12)
+                m, sd = smooth.mean(0), smooth.std(0)
+                train.fill_between(xs, m - sd, m + sd, color=colour, alpha=0.12)
         held.axhline(0, color="k", lw=0.8)
         held.set(xlabel="iteration", ylabel="held-out reward - base (first prompts, ODE)")
         train.set(xlabel="iteration", ylabel=f"training reward ({k}-iteration mean)")
         held.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(Path(args.output_dir, filename), dpi=110)
+        Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
+        fig.savefig(Path(args.figures_dir, filename), dpi=110)
         plt.close(fig)
-        print(f"wrote {Path(args.output_dir, filename)}")
+        print(f"wrote {Path(args.figures_dir, filename)}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -319,22 +313,31 @@ def main(args: Args):
     runs = Path(args.output_dir, "runs")
     todo = [j for j in jobs if not (runs / j.replace(":", "-s") / "heldout.json").is_file()]
     print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done, {args.jobs} at a time")
-    done = 0
+    done, failed = 0, []
 
     def one(job):
         nonlocal done
-        minutes = spawn(args, job, runs.parent / "logs" / f"{job.replace(':', '-s')}.log")
+        log = runs.parent / "logs" / f"{job.replace(':', '-s')}.log"
+        try:
+            minutes = spawn(args, job, log)
+        except RuntimeError as e:  # the other jobs go on; the study reports what finished, then fails
+            failed.append(job)
+            return print(f"error: {e}", flush=True)
         done += 1
         print(f"[{done}/{len(todo)}] {job}: {minutes:.1f} min", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, todo))
+    if "base" in failed:
+        sys.exit("error: the base model's evaluation failed; nothing to compare against")
     summary = summarize(args, names)
     Path(args.output_dir, "results.json").write_text(json.dumps(summary, indent=1))
     table = markdown(summary, args)
     Path(args.output_dir, "table.md").write_text(table)
     print(table)
     plot(summary, args)
+    if failed:
+        sys.exit(f"error: {len(failed)} job(s) failed ({', '.join(failed)}); rerun to retry them")
 
 
 if __name__ == "__main__":
