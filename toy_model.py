@@ -44,7 +44,7 @@ class Args:
     output_dir: str = "assets/toy"
     """bundle folder: transformer/, text_encoder/, tokenizer/, toy_config.json, samples.png"""
     # --- pretraining ---
-    steps: int = 3000
+    steps: int = 6000
     """optimizer steps of flow matching"""
     batch_size: int = 32
     """rendered scenes per step"""
