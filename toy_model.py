@@ -2,7 +2,7 @@
 A tiny FLUX-class text-to-image model, pretrained from scratch on the toy world of toy.py: the bundle in
 assets/toy/ that every script loads as the model "toy" (models.load_model).
 
-    python toy_model.py               # rebuild assets/toy/ (~18 min on one CPU core), evaluate, samples.png
+    python toy_model.py               # rebuild assets/toy/ (~35 min on one CPU core), evaluate, samples.png
     python toy_model.py --eval-only   # evaluate the committed bundle on held-out prompts (ode and flow SDE)
     python toy_model.py --steps 20 --eval-prompts 10 --output-dir /tmp/toy   # a smoke test, under a minute
 

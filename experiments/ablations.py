@@ -107,12 +107,11 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- one job
-def score(folder, prompts, label):
+def score(model, reward_fn, folder, prompts, label):
     """Per-prompt held-out reward and 0/1 strict accuracy of the toy model (folder None: the base)."""
     args = ev.Args(**EVAL["toy"])
-    model = load_model("toy", quantize_timestep=True)
     rows = [(label, folder, args.num_steps)]
-    records, _ = ev.evaluate(model, rows, prompts, build_reward(["toy"]), args, toy_world=True)
+    records, _ = ev.evaluate(model, rows, prompts, reward_fn, args, toy_world=True)
     records.sort(key=lambda r: r["prompt_index"])
     return [r["scores"]["toy"] for r in records], [r["scores"]["strict"] for r in records]
 
@@ -123,8 +122,10 @@ def run_job(args: Args, job: str):
     prompts = PromptSource("toy:heldout", toy_split="heldout").head(args.num_prompts)
     out = Path(args.output_dir, "runs", job.replace(":", "-s"))
     start = time.perf_counter()
+    model = load_model("toy", quantize_timestep=True)  # loaded once for every score of the job
+    reward_fn = build_reward(["toy"])
     if job == "base":
-        reward, strict = score(None, prompts, "base")
+        reward, strict = score(model, reward_fn, None, prompts, "base")
         points = {"0": {"reward": reward, "strict": strict}}
     else:
         name, seed = job.split(":")
@@ -138,7 +139,7 @@ def run_job(args: Args, job: str):
         for ckpt in found:
             last = ckpt == found[-1]
             subset = prompts if last else prompts[: args.curve_prompts]
-            reward, strict = score(ckpt / "transformer", subset, ckpt.name)
+            reward, strict = score(model, reward_fn, ckpt / "transformer", subset, ckpt.name)
             points[str(int(ckpt.name.split("_")[1]))] = {"reward": reward, "strict": strict}
     record = {"job": job, "seconds": time.perf_counter() - start, "points": points}
     out.mkdir(parents=True, exist_ok=True)
