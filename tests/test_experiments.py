@@ -23,6 +23,7 @@ SMALL = [
 
 def ablations(out, *flags):
     command = [sys.executable, str(ROOT / "experiments" / "ablations.py"), *SMALL, "--output-dir", str(out)]
+    command += ["--figures-dir", str(out)]  # never the repository's assets/
     proc = subprocess.run([*command, *flags], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
