@@ -275,7 +275,8 @@ def select_chunks(weights, fraction: float, *, method="normalized", generator=No
       normalized  p_j = w_j / sum_i w_i   (GCPO's weighted sampling: P(chunk j) ∝ mean L1rel of chunk j)
       softmax     p_j = exp(w_j) / sum_i exp(w_i)   (the paper's alternative; with L1rel values << 1 it is
                   close to uniform, since exp is nearly linear there)
-      uniform     equal weights (GCPO's default); weights may be None, with shape=(N, K).
+      uniform     equal weights (GCPO's default), drawn as torch.randperm(K)[:k] per row like
+                  train_grpo's steps; weights may be None, with shape=(N, K).
     `generator` must live on the weights' device; the same generator state gives the same selection.
     """
     if method not in SELECTION_METHODS:
@@ -286,9 +287,10 @@ def select_chunks(weights, fraction: float, *, method="normalized", generator=No
         weights = torch.ones(shape)
     w = weights.detach().float()  # (N, K)
     k = num_selected(w.shape[1], fraction)
-    if method == "uniform":
-        p = torch.ones_like(w)  # (N, K)
-    elif method == "softmax":
+    if method == "uniform":  # drawn as train_grpo.step_objective draws steps: chunks of size 1 pick the same
+        perms = [torch.randperm(w.shape[1], generator=generator, device=w.device)[:k] for _ in range(len(w))]
+        return torch.stack(perms).sort(1).values  # (N, k)
+    if method == "softmax":
         p = torch.softmax(w, dim=1)  # (N, K)
     else:
         if (w < 0).any() or not torch.isfinite(w).all():
