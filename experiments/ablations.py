@@ -211,8 +211,10 @@ def summarize(args: Args, names) -> dict:
     return out
 
 
-def mean(x: list[float]) -> float:
-    return sum(x) / len(x)
+# Student's t 97.5% quantiles (df 1-10), then z + (z^3 + z) / 4 df (< 1.5% off): a paired t-test at 5%
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+t975 = lambda df: T975[df - 1] if df <= len(T975) else 1.96 + (1.96**3 + 1.96) / (4 * df)  # noqa: E731
+mean = lambda x: sum(x) / len(x)  # noqa: E731
 
 
 def breakdown(strict, cats):
@@ -251,8 +253,8 @@ def markdown(summary: dict, args: Args) -> str:
         diffs = [configs[a]["seeds"][s]["delta"] - configs[b]["seeds"][s]["delta"] for s in common]
         m, _, se = mean_sd_se(diffs)
         reading = "too few seeds" if len(diffs) < 2 else "no difference detected"
-        if len(diffs) > 1 and abs(m) > 2 * se:
-            reading = f"{a} {'higher' if m > 0 else 'lower'} (|mean| > 2 SE)"
+        if len(diffs) > 1 and abs(m) > t975(len(diffs) - 1) * se:
+            reading = f"{a} {'higher' if m > 0 else 'lower'} (|t| > {t975(len(diffs) - 1):.2f})"
         lines.append(f"| {claim} | {a} - {b} | {m:+.3f} +- {se:.3f} | {len(diffs)} | {reading} |")
     return "\n".join(lines) + "\n"
 
