@@ -104,8 +104,7 @@ def curve_stats(rel: torch.Tensor, num_generations: int) -> dict[str, torch.Tens
     prompt did not matter, the B per-prompt means would spread by within_prompt_std / sqrt(G), and
     between_prompt_std estimates the spread the prompt itself adds. Both are nan when G = 1.
     """
-    G = num_generations
-    T = rel.shape[1]
+    G, T = num_generations, rel.shape[1]
     per_prompt = rel.reshape(-1, G, T)  # (B, G, T)
     within = per_prompt.var(1).mean(0).sqrt() if G > 1 else torch.full((T,), float("nan"))  # (T,)
     between = (per_prompt.mean(1).var(0) - within**2 / G).clamp_min(0).sqrt()  # (T,)
@@ -266,6 +265,11 @@ def num_selected(num_units: int, fraction: float) -> int:
     return max(1, int(num_units * fraction))
 
 
+def random_units(n: int, num_units: int, fraction: float, generator=None, device=None):  # (n, k) randperm[:k]
+    k = num_selected(num_units, fraction)
+    return torch.stack([torch.randperm(num_units, generator=generator, device=device)[:k] for _ in range(n)])
+
+
 def select_chunks(weights, fraction: float, *, method="normalized", generator=None, shape=None):
     """Which chunks each trajectory trains: k = max(1, int(K * fraction)) distinct chunk ids per row, (N, k)
     long, sorted ascending (high noise first).
@@ -275,8 +279,7 @@ def select_chunks(weights, fraction: float, *, method="normalized", generator=No
       normalized  p_j = w_j / sum_i w_i   (GCPO's weighted sampling: P(chunk j) ∝ mean L1rel of chunk j)
       softmax     p_j = exp(w_j) / sum_i exp(w_i)   (the paper's alternative; with L1rel values << 1 it is
                   close to uniform, since exp is nearly linear there)
-      uniform     equal weights (GCPO's default), drawn as torch.randperm(K)[:k] per row like
-                  train_grpo's steps; weights may be None, with shape=(N, K).
+      uniform     equal weights (GCPO's default), random_units as train_grpo's steps; or shape=(N, K).
     `generator` must live on the weights' device; the same generator state gives the same selection.
     """
     if method not in SELECTION_METHODS:
@@ -286,17 +289,15 @@ def select_chunks(weights, fraction: float, *, method="normalized", generator=No
             raise UsageError("select_chunks needs weights (N, K), or method='uniform' with shape=(N, K)")
         weights = torch.ones(shape)
     w = weights.detach().float()  # (N, K)
-    k = num_selected(w.shape[1], fraction)
-    if method == "uniform":  # drawn as train_grpo.step_objective draws steps: chunks of size 1 pick the same
-        perms = [torch.randperm(w.shape[1], generator=generator, device=w.device)[:k] for _ in range(len(w))]
-        return torch.stack(perms).sort(1).values  # (N, k)
+    if method == "uniform":  # the draws of step-level GRPO: chunks of size 1 pick the same steps
+        return random_units(len(w), w.shape[1], fraction, generator, w.device).sort(1).values
     if method == "softmax":
         p = torch.softmax(w, dim=1)  # (N, K)
     else:
         if (w < 0).any() or not torch.isfinite(w).all():
             raise UsageError("chunk weights must be finite and non-negative (each a chunk's mean L1rel)")
         p = w / w.sum(1, keepdim=True)  # (N, K)
-    picked = torch.multinomial(p, k, replacement=False, generator=generator)  # (N, k)
+    picked = torch.multinomial(p, num_selected(w.shape[1], fraction), replacement=False, generator=generator)
     return picked.sort(1).values
 
 
@@ -317,8 +318,7 @@ def main(args: Args):
     traj = rollout(model, prompts, num_generations=G, seed=args.seed, batch_size=batch_size, **sampling)
     rel = l1rel(traj.latents).cpu()  # (N, T)
     stats = curve_stats(rel, args.num_generations)  # name -> (T,)
-    sigmas = traj.sigmas[:T].tolist()
-    setting = f"{args.sde_mode} eta {args.eta:g}, shift {args.shift:g}"
+    sigmas, setting = traj.sigmas[:T].tolist(), f"{args.sde_mode} eta {args.eta:g}, shift {args.shift:g}"
     print0(f"L1rel of {args.model} ({setting}), {len(prompts)} prompts x {G} trajectories")
     print0(" step  sigma" + "".join(f"{name:>19}" for name in stats))
     for t in range(T):

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import lora
 import recipes
 from checkpoints import check_output_dir, checkpoints, resume, save_checkpoint
-from chunking import num_selected
+from chunking import num_selected, random_units
 from metrics_log import Logger
 from models import load_model, pipeline_sigmas
 from prompts import PromptSource, outside_toy_grammar
@@ -263,9 +263,8 @@ def step_loss(learner, traj, adv, rows, steps, scale):
 
 def step_objective(learner, traj, adv, rows, scale, generator):
     """Step-level GRPO: a random `timestep_fraction` of each trajectory's T steps, each step its own unit."""
-    T = traj.log_probs.shape[1]
-    k = num_selected(T, learner.args.timestep_fraction)  # a step is a chunk of size 1
-    steps = torch.stack([torch.randperm(T, generator=generator)[:k] for _ in rows]).to(rows.device)  # (n, k)
+    T = traj.log_probs.shape[1]  # a step is a chunk of size 1
+    steps = random_units(len(rows), T, learner.args.timestep_fraction, generator).to(rows.device)  # (n, k)
     return step_loss(learner, traj, adv, rows, steps, scale), {}
 
 
