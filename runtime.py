@@ -166,6 +166,11 @@ def setup_distributed(args):
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
+        # SDPA's cuDNN backend, which torch picks first on Hopper, returned NaN gradients on the toy model
+        # and an illegal memory access in FLUX.1-dev's backward on an H200 (torch 2.11, cuDNN 9); known
+        # defects of its bf16 backward (pytorch/pytorch#196678, NVIDIA/cudnn-frontend#1072). Flash and
+        # memory-efficient attention serve the same shapes.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return torch.device(device), rank, world
 
 

@@ -238,3 +238,19 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(UsageError, match="iteration 3: the weights hold NaN or infinity"):
         save_checkpoint(policy, optimizer, args, 3, 0)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_cuda_run_turns_off_sdpas_cudnn_backend(monkeypatch):
+    # An H200 (torch 2.11) gave NaN gradients on the toy and an illegal memory access on FLUX.1-dev through it.
+    import types
+
+    from runtime import setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # no GPU needed to reach the switch
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        device, _, _ = setup_distributed(types.SimpleNamespace(device="cuda", timeout=3))
+        assert device == torch.device("cuda:0") and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)

@@ -101,6 +101,13 @@ def test_mode_dependent_defaults_follow_the_mode_unless_given():
     assert cli(eval.Args, eval.PRESETS, []).schedule == "pipeline"
 
 
+@pytest.mark.parametrize("preset", [None, *train_chunk.PRESETS])
+def test_every_chunk_preset_has_a_layout_of_its_trainable_steps(preset):
+    args = cli(train_chunk.ChunkArgs, train_chunk.PRESETS, ["--preset", preset] if preset else [])
+    sizes = train_chunk.layout(args)  # refuses sizes that do not add up to num_steps - 1
+    assert sum(sizes) == args.num_steps - 1
+
+
 def test_the_trainer_warns_when_rollout_and_training_disagree(tmp_path, capsys, monkeypatch):
     flags = ["--preset", "toy", "--prompts-per-rank", "2", "--num-generations", "4", "--num-steps", "6"]
     flags += ["--gradient-accumulation-steps", "4", "--image-every", "0", "--num-iterations", "1"]
