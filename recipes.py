@@ -90,9 +90,9 @@ TRAIN["dance-lora"] = TRAIN["dance"] | dict(
 # `python chunking.py --output-dir assets/toy`) into 4 chunks with the `curve` rule.
 CHUNK = {name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")} for name, p in TRAIN.items()}
 CHUNK["toy"] |= dict(chunk_layout="curve", chunk_curve=str(TOY_CURVE))
-# GCPO publishes chunks only for its 17-step FLUX schedule ([2, 3, 4, 7] of 16 trainable steps). The recipes with
-# other schedules keep its shape: the same four chunks, each its share of the trainable steps (2/16, 3/16, 4/16,
-# 7/16 of T, rounded to sum to T), small where the latents move fast and long at the end.
+# GCPO publishes chunks only for its 17-step FLUX schedule ([2, 3, 4, 7] of 16 trainable steps). The recipes
+# with other schedules keep its shape: four chunks, each its share of the T trainable steps (2/16, 3/16, 4/16,
+# 7/16 of T, rounded to sum to T), short where the latents move fast and long at the end.
 CHUNK["sd35"] |= dict(chunk_sizes=(1, 2, 2, 4))  # T = 9
 CHUNK["dance"] |= dict(chunk_sizes=(2, 3, 4, 6))  # T = 15
 CHUNK["dance-lora"] |= dict(chunk_sizes=(1, 2, 3, 5))  # T = 11

@@ -241,7 +241,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_a_cuda_run_turns_off_sdpas_cudnn_backend(monkeypatch):
-    # An H200 (torch 2.11) gave NaN gradients on the toy and an illegal memory access on FLUX.1-dev through it.
+    # On an H200 (torch 2.11) it gave NaN gradients on the toy and an illegal memory access on FLUX.1-dev.
     import types
 
     from runtime import setup_distributed
