@@ -51,3 +51,22 @@ def test_an_unknown_configuration_is_refused_with_the_names(tmp_path):
     command = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--only", "stepp"]
     proc = subprocess.run([*command, "--output-dir", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1 and "unknown configuration" in proc.stderr and "chunk-weighted" in proc.stderr
+
+
+def test_the_shuffled_twin_keeps_each_groups_rewards_and_drops_their_images():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import torch
+    from signal_vs_drift import shuffled_toy_reward
+
+    import toy
+
+    prompts = [p for p in toy.sample_prompts("train", 4, seed=0) for _ in range(16)]  # 4 groups of 16
+    images = toy.render(prompts, seed=1)
+    images[::2] = 0  # half the images blank: their true scores differ from the others'
+    truth = toy.verify(images, prompts).score.float()
+    fn = shuffled_toy_reward()
+    first, second = fn(images, prompts), fn(images, prompts)
+    for g in range(4):  # each group: the same multiset of scores, not in the images' order
+        rows = slice(16 * g, 16 * g + 16)
+        assert torch.equal(first[rows].sort().values, truth[rows].sort().values)
+    assert not torch.equal(first, truth) and not torch.equal(first, second)  # a fresh permutation per call

@@ -1,0 +1,160 @@
+"""
+Does an update carry signal, or only drift? Each configuration trains twice from the toy bundle: once on the
+verifier's reward, and once on a *shuffled twin* of it, the same scores permuted among each prompt's images
+(every group keeps its rewards, so the advantages keep their distribution, but they no longer say anything
+about the images). Both runs are then scored on held-out prompts against the base with the same noise:
+
+    drift  = held-out delta of the shuffled run       (what the update's noise alone does to the model)
+    signal = delta of the real run - delta of the shuffled run, paired on the same prompts and noise
+
+    python experiments/signal_vs_drift.py                                   # the table in NOTES.md, ~40 min
+    python experiments/signal_vs_drift.py --configs="--learning-rate 1e-4 --beta 0.04" --output-dir /tmp/svd
+
+A configuration is a string of train_grpo.py / train_chunk.py flags over `--preset toy`. Runs go two at a time
+(one CPU thread each) and are skipped when their last checkpoint exists, so a stopped study resumes. Each line
+of the table: both deltas and the signal with standard errors over the held-out prompts, and the signal per
+unit of drift. A working recipe needs signal > |drift|; the preset gets signal ~ 0.5 |drift| (NOTES.md).
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Args:
+    configs: tuple[str, ...] = ("--learning-rate 1e-4",)
+    """trainer flags over --preset toy, one string per configuration"""
+    trainer: str = "train_grpo.py"
+    """train_grpo.py or train_chunk.py"""
+    num_iterations: int = 30
+    """iterations per run (the preset's 64 trajectories each)"""
+    seeds: tuple[int, ...] = (0,)
+    """training seeds per arm; with two or more, standard errors are over seeds (a run's drift is a random
+    walk of its own: two runs of one setting differ by more than the prompts' standard error)"""
+    num_prompts: int = 500
+    """held-out prompts (one image each, ODE, the same noise for every model)"""
+    output_dir: str = "experiments/signal_vs_drift/runs"
+    jobs: int = 2
+    """runs at a time, one CPU thread each"""
+
+
+def shuffled_toy_reward(path=None, *, device="cpu", dtype=None):
+    """The toy verifier's scores permuted within each prompt's images: a reward with no relation to them."""
+    import toy
+
+    calls = [0]
+
+    def fn(images, prompts):
+        score = toy.verify(images.detach().float().cpu(), prompts).score.float()  # (N,)
+        gen = torch.Generator().manual_seed(1_000_003 + calls[0])
+        calls[0] += 1
+        groups = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(p, []).append(i)
+        out = score.clone()
+        for idx in map(torch.tensor, groups.values()):
+            out[idx] = score[idx[torch.randperm(len(idx), generator=gen)]]
+        return out.to(images.device)
+
+    return fn
+
+
+def train(argv):
+    """Run a trainer in this process with the shuffled reward registered: `train TRAINER FLAGS...`."""
+    sys.path.insert(0, str(ROOT))
+    torch.set_num_threads(1)
+    import rewards
+    import train_chunk
+    import train_grpo
+    from runtime import run
+
+    rewards.REWARDS["toy_shuffled"] = shuffled_toy_reward
+    trainer, flags = argv[0], argv[1:]
+    if trainer == "train_chunk.py":
+        run(train_chunk.main, train_chunk.ChunkArgs, train_chunk.PRESETS, flags)
+    else:
+        run(train_grpo.main, train_grpo.Args, train_grpo.PRESETS, flags)
+
+
+def job(args, name, config, reward, seed):
+    out = Path(args.output_dir) / name
+    last = out / "checkpoints" / f"iter_{args.num_iterations:05d}"
+    if last.is_dir():
+        return last
+    flags = ["--preset", "toy", *shlex.split(config), "--reward", reward, "--seed", str(seed)]
+    flags += ["--num-iterations", str(args.num_iterations), "--checkpoint-every", str(args.num_iterations)]
+    flags += ["--image-every", str(10**6), "--output-dir", str(out)]
+    if out.exists():
+        flags.append("--resume")
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    log = Path(args.output_dir) / f"{name}.log"
+    cmd = [sys.executable, __file__, "train", args.trainer, *flags]
+    with open(log, "w") as f:
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
+    return last
+
+
+def scores(results, label):
+    """(P,) held-out scores of one model, in prompt order."""
+    rows = [r for r in results["images"] if r["model"] == label]
+    return torch.tensor([r["scores"]["toy"] for r in sorted(rows, key=lambda r: r["prompt_index"])])
+
+
+def paired(a, b):
+    """Mean and standard error of a - b over seeds (S, P) and prompts: over the seeds' means when S >= 2."""
+    d = a - b  # (S, P)
+    if len(d) == 1:
+        return d.mean().item(), (d.std() / d.shape[1] ** 0.5).item()
+    per_seed = d.mean(1)  # (S,)
+    return per_seed.mean().item(), (per_seed.std() / len(per_seed) ** 0.5).item()
+
+
+def main(args: Args):
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    names = {c: c.replace("--", "").replace(" ", "_").replace(".", "p") or "preset" for c in args.configs}
+    arms = (("real", "toy"), ("shuffled", "toy_shuffled"))
+    tasks = [(f"{names[c]}-{kind}-s{seed}", c, reward, seed) for seed in args.seeds for c in args.configs
+             for kind, reward in arms]  # fmt: skip
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = dict(zip([t[0] for t in tasks], pool.map(lambda t: job(args, *t), tasks), strict=True))
+    evaluated = Path(args.output_dir) / "eval"
+    cmd = [sys.executable, "eval.py", "--preset", "toy", "--num-prompts", str(args.num_prompts)]
+    cmd += ["--output-dir", str(evaluated), "--checkpoints", *(f"{k}={v}" for k, v in done.items())]
+    subprocess.run(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "2"}, check=True)
+    results = json.loads((evaluated / "results.json").read_text())
+    base = scores(results, results["rows"][0]["label"])[None]  # (1, P)
+    over = "seeds" if len(args.seeds) > 1 else "prompts (one seed: a run's own randomness is not in it)"
+    lines = [f"{args.trainer}, {args.num_iterations} iterations, seeds {list(args.seeds)}, "
+             f"{args.num_prompts} held-out prompts (base {base.mean():.3f}); mean +- SE over {over}", "",
+             "| flags over --preset toy | real delta | drift (shuffled delta) | signal (real - shuffled) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for c in args.configs:
+        real, shuf = (
+            torch.stack([scores(results, f"{names[c]}-{kind}-s{seed}") for seed in args.seeds])  # (S, P)
+            for kind in ("real", "shuffled")
+        )
+        cells = [paired(real, base), paired(shuf, base), paired(real, shuf)]
+        lines.append(
+            f"| `{c or '(preset)'}` | " + " | ".join(f"{m:+.3f} +- {s:.3f}" for m, s in cells) + " |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (Path(args.output_dir) / "table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["train"]:
+        train(sys.argv[2:])
+    else:
+        main(tyro.cli(Args))
