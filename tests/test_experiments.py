@@ -70,3 +70,24 @@ def test_the_shuffled_twin_keeps_each_groups_rewards_and_drops_their_images():
         rows = slice(16 * g, 16 * g + 16)
         assert torch.equal(first[rows].sort().values, truth[rows].sort().values)
     assert not torch.equal(first, truth) and not torch.equal(first, second)  # a fresh permutation per call
+
+
+def test_signal_vs_drift_end_to_end_and_resumed(tmp_path):
+    command = [
+        sys.executable,
+        str(ROOT / "experiments" / "signal_vs_drift.py"),
+        "--configs=--learning-rate 1e-4",
+    ]
+    command += ["--num-iterations", "1", "--num-prompts", "4", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = [
+        line for line in (tmp_path / "table.md").read_text().splitlines() if "`--learning-rate 1e-4`" in line
+    ]
+    assert len(row) == 1 and row[0].count("+-") == 3
+    logs = {p: p.stat().st_mtime for p in tmp_path.glob("*.log")}
+    assert len(logs) == 2  # the real run and its shuffled twin
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert (
+        again.returncode == 0 and {p: p.stat().st_mtime for p in tmp_path.glob("*.log")} == logs
+    )  # not retrained
