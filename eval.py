@@ -180,11 +180,13 @@ def sample(
 
 def score_images(images, prompts, reward_fn, *, toy_world=False) -> dict:
     """Per-image scores {name: (N,)}: every reward component, and on the toy world the verifier's 0/1 `strict`
-    (GenEval-style accuracy: every atom of the prompt right)."""
+    (GenEval-style accuracy: every atom of the prompt right) and two measures of clean drawing it does not read,
+    `fit` and `faint` (toy.drawing_quality)."""
     _, components = reward_fn(images, prompts)
     scores = {name: v.detach().float().cpu() for name, v in components.items()}
     if toy_world:
         scores["strict"] = toy.verify(images.float().cpu(), prompts).strict.float()  # (N,)
+        scores |= toy.drawing_quality(images.float().cpu(), prompts)
     return scores
 
 
