@@ -180,8 +180,8 @@ def sample(
 
 def score_images(images, prompts, reward_fn, *, toy_world=False) -> dict:
     """Per-image scores {name: (N,)}: every reward component, and on the toy world the verifier's 0/1 `strict`
-    (GenEval-style accuracy: every atom of the prompt right) and two measures of clean drawing it does not read,
-    `fit` and `faint` (toy.drawing_quality)."""
+    (GenEval-style accuracy: every atom of the prompt right) and two measures of clean drawing it does not
+    read, `fit` and `faint` (toy.drawing_quality)."""
     _, components = reward_fn(images, prompts)
     scores = {name: v.detach().float().cpu() for name, v in components.items()}
     if toy_world:
