@@ -181,13 +181,29 @@ def sample(
 def score_images(images, prompts, reward_fn, *, toy_world=False) -> dict:
     """Per-image scores {name: (N,)}: every reward component, and on the toy world the verifier's 0/1 `strict`
     (GenEval-style accuracy: every atom of the prompt right) and two measures of clean drawing it does not
-    read, `fit` and `faint` (toy.drawing_quality)."""
+    read, `fit` and `faint` (drawing_quality)."""
     _, components = reward_fn(images, prompts)
     scores = {name: v.detach().float().cpu() for name, v in components.items()}
     if toy_world:
         scores["strict"] = toy.verify(images.float().cpu(), prompts).strict.float()  # (N,)
-        scores |= toy.drawing_quality(images.float().cpu(), prompts)
+        scores |= drawing_quality(images.float().cpu(), prompts)
     return scores
+
+
+def drawing_quality(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Two measures of how cleanly toy images (N, 3, H, W) are drawn that the verifier's score does not read,
+    to tell drawing from reward hacking, each (N,): `fit`, the share of an image's components in its prompt's
+    colours that fit a template at IoU >= toy.MIN_IOU (0 when it draws none; rendered scenes: 1), and `faint`,
+    the share of pixels neither background nor bright (max channel in [0.05, 0.35]; rendered scenes: 0), the
+    texture a drifting policy paints below the verifier's colour tolerance."""
+    fit = []
+    for prompt, objects in zip(prompts, toy.detect(images), strict=True):
+        colours = {colour for _, colour, _ in toy.parse(prompt).groups}
+        mine = [o for o in objects if o[0] in colours]  # (colour, shape or None, cx, cy, iou)
+        fit.append(sum(o[1] is not None for o in mine) / max(len(mine), 1))
+    bright = images.float().amax(1)  # (N, H, W)
+    faint = ((bright >= 0.05) & (bright <= 0.35)).flatten(1).float().mean(1)  # (N,)
+    return {"fit": torch.tensor(fit), "faint": faint}
 
 
 # ----------------------------------------------------------------------------- main

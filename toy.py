@@ -317,22 +317,6 @@ def detect(images: torch.Tensor) -> list[list[tuple]]:
     return objects
 
 
-def drawing_quality(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Two measures of how cleanly images (N, 3, H, W) are drawn that the verifier's score does not read, to
-    tell drawing from reward hacking, each (N,): `fit`, the share of an image's components in its prompt's
-    colours that fit a template at IoU >= MIN_IOU (0 when it draws none; rendered scenes: 1), and `faint`, the
-    share of pixels neither background nor bright (max channel in [0.05, 0.35]; rendered scenes: 0), the
-    texture a drifting policy paints below the verifier's colour tolerance."""
-    fit = []
-    for prompt, objects in zip(prompts, detect(images), strict=True):
-        colours = {colour for _, colour, _ in parse(prompt).groups}
-        mine = [o for o in objects if o[0] in colours]  # (colour, shape or None, cx, cy, iou)
-        fit.append(sum(o[1] is not None for o in mine) / max(len(mine), 1))
-    bright = images.float().amax(1)  # (N, H, W)
-    faint = ((bright >= 0.05) & (bright <= 0.35)).flatten(1).float().mean(1)  # (N,)
-    return {"fit": torch.tensor(fit), "faint": faint}
-
-
 def atoms(scene: Scene, objects: list[tuple]) -> dict[str, bool]:
     """GenEval-style checks of one image's objects against its scene, by name."""
     found = [[(cx, cy) for c, s, cx, cy, _ in objects if (c, s) == group[1:]] for group in scene.groups]

@@ -105,10 +105,10 @@ def job(args, name, config, reward, seed):
     return last
 
 
-def scores(results, label):
-    """(P,) held-out scores of one model, in prompt order."""
+def scores(results, label, name="toy"):
+    """(P,) held-out scores of one model, in prompt order: the verifier's, or eval.py's `fit` or `faint`."""
     rows = [r for r in results["images"] if r["model"] == label]
-    return torch.tensor([r["scores"]["toy"] for r in sorted(rows, key=lambda r: r["prompt_index"])])
+    return torch.tensor([r["scores"][name] for r in sorted(rows, key=lambda r: r["prompt_index"])])
 
 
 def paired(a, b):
@@ -133,21 +133,27 @@ def main(args: Args):
     cmd += ["--output-dir", str(evaluated), "--checkpoints", *(f"{k}={v}" for k, v in done.items())]
     subprocess.run(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "2"}, check=True)
     results = json.loads((evaluated / "results.json").read_text())
-    base = scores(results, results["rows"][0]["label"])[None]  # (1, P)
+    label = results["rows"][0]["label"]
+    base = {name: scores(results, label, name)[None] for name in ("toy", "fit", "faint")}  # (1, P) each
     over = "seeds" if len(args.seeds) > 1 else "prompts (one seed: a run's own randomness is not in it)"
-    lines = [f"{args.trainer}, {args.num_iterations} iterations, seeds {list(args.seeds)}, "
-             f"{args.num_prompts} held-out prompts (base {base.mean():.3f}); mean +- SE over {over}", "",
-             "| flags over --preset toy | real delta | drift (shuffled delta) | signal (real - shuffled) |",
-             "|---|---|---|---|"]  # fmt: skip
+    caption = f"{args.trainer}, {args.num_iterations} iterations, seeds {list(args.seeds)}, "
+    caption += f"{args.num_prompts} held-out prompts (base {base['toy'].mean():.3f}, fit "
+    caption += f"{base['fit'].mean():.2f}, faint {base['faint'].mean():.3f}); mean +- SE over {over}; "
+    caption += "fit and faint (eval.py): real run / shuffled run"
+    head = "| flags over --preset toy | real delta | drift (shuffled delta) | signal (real - shuffled) "
+    head += "| fit | faint |"
+    lines = [caption, "", head, "|---|---|---|---|---|---|"]
     for c in args.configs:
-        real, shuf = (
-            torch.stack([scores(results, f"{names[c]}-{kind}-s{seed}") for seed in args.seeds])  # (S, P)
-            for kind in ("real", "shuffled")
-        )
-        cells = [paired(real, base), paired(shuf, base), paired(real, shuf)]
-        lines.append(
-            f"| `{c or '(preset)'}` | " + " | ".join(f"{m:+.3f} +- {s:.3f}" for m, s in cells) + " |"
-        )
+
+        def arm(kind, name="toy", c=c):  # (S, P): the seeds' scores of one arm
+            return torch.stack([scores(results, f"{names[c]}-{kind}-s{seed}", name) for seed in args.seeds])
+
+        real, shuf = arm("real"), arm("shuffled")
+        pairs = (paired(real, base["toy"]), paired(shuf, base["toy"]), paired(real, shuf))
+        cells = [f"{m:+.3f} +- {se:.3f}" for m, se in pairs]
+        cells += [f"{arm('real', 'fit').mean():.2f} / {arm('shuffled', 'fit').mean():.2f}"]
+        cells += [f"{arm('real', 'faint').mean():.3f} / {arm('shuffled', 'faint').mean():.3f}"]
+        lines.append(f"| `{c or '(preset)'}` | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     (Path(args.output_dir) / "table.md").write_text(table + "\n")

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+import eval
 import toy
 from toy import COLOURS, SHAPES, Scene
 
@@ -212,15 +213,15 @@ def test_blobs_and_fragments_are_no_shape():
 def test_drawing_quality_reads_fragments_and_faint_texture():
     prompts = toy.sample_prompts("heldout", 100, seed=6)
     rendered = toy.render(prompts, seed=6)
-    clean = toy.drawing_quality(rendered, prompts)
+    clean = eval.drawing_quality(rendered, prompts)
     assert (clean["fit"] == 1).all() and (clean["faint"] == 0).all()  # ground truth draws cleanly
     image = torch.zeros(2, 3, 32, 32)
     image[:, :, 5:9, 5:15] = torch.tensor(COLOURS["red"])[:, None, None]  # a red bar: a fragment, no shape
     image[1, :, 20:, :] = 0.2  # and a faint grey band over a quarter of the second image
     image[1, :, 24:26, 2:4] = torch.tensor(COLOURS["blue"])[:, None, None]  # a blue speck: not the prompt's
-    quality = toy.drawing_quality(image, ["a red circle", "a red circle"])
+    quality = eval.drawing_quality(image, ["a red circle", "a red circle"])
     assert quality["fit"].tolist() == [0.0, 0.0]
     assert quality["faint"].tolist() == [0.0, pytest.approx((12 * 32 - 4) / 1024)]
     circle = toy.render(["a red circle"], seed=0)
     circle[:, :, 28:, 20:30] = torch.tensor(COLOURS["red"])[:, None, None]  # the circle and a red fragment
-    assert toy.drawing_quality(circle, ["a red circle"])["fit"].tolist() == [0.5]
+    assert eval.drawing_quality(circle, ["a red circle"])["fit"].tolist() == [0.5]
