@@ -7,13 +7,16 @@ about the images). Both runs are then scored on held-out prompts against the bas
     drift  = held-out delta of the shuffled run       (what the update's noise alone does to the model)
     signal = delta of the real run - delta of the shuffled run, paired on the same prompts and noise
 
-    python experiments/signal_vs_drift.py                                   # the table in NOTES.md, ~40 min
-    python experiments/signal_vs_drift.py --configs="--learning-rate 1e-4 --beta 0.04" --output-dir /tmp/svd
+    python experiments/signal_vs_drift.py                      # lr 1e-4: one pair and its evaluation, ~8 min
+    python experiments/signal_vs_drift.py --configs="--learning-rate 1e-4 --beta 0.04" --seeds 0 1
+    python experiments/signal_vs_drift.py --trainer train_chunk.py --configs="--chunk-weighted-sampling"
 
-A configuration is a string of train_grpo.py / train_chunk.py flags over `--preset toy`. Runs go two at a time
-(one CPU thread each) and are skipped when their last checkpoint exists, so a stopped study resumes. Each line
-of the table: both deltas and the signal with standard errors over the held-out prompts, and the signal per
-unit of drift. A working recipe needs signal > |drift|; the preset gets signal ~ 0.5 |drift| (NOTES.md).
+A configuration is a string of train_grpo.py / train_chunk.py flags over `--preset toy` (give it with `=`:
+tyro reads a leading `--` as its own flag). Runs go two at a time (one CPU thread each) and are skipped when
+their last checkpoint exists, so a stopped study resumes. Each line of the table: both deltas and the signal
+with standard errors, and eval.py's drawing measures `fit` and `faint` of both runs (which the verifier
+does not read). A reward that learns shows a real delta above zero with fit and faint no worse than the
+base's; NOTES.md has the table this made on the toy bundle (real runs above their twins, none above the base).
 """
 
 import json
