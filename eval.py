@@ -185,8 +185,9 @@ def score_images(images, prompts, reward_fn, *, toy_world=False) -> dict:
     _, components = reward_fn(images, prompts)
     scores = {name: v.detach().float().cpu() for name, v in components.items()}
     if toy_world:
-        scores["strict"] = toy.verify(images.float().cpu(), prompts).strict.float()  # (N,)
-        scores |= drawing_quality(images.float().cpu(), prompts)
+        images = images.float().cpu()
+        scores["strict"] = toy.verify(images, prompts).strict.float()  # (N,)
+        scores |= drawing_quality(images, prompts)
     return scores
 
 

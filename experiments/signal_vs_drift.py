@@ -54,12 +54,12 @@ class Args:
 
 def shuffled_toy_reward(path=None, *, device="cpu", dtype=None):
     """The toy verifier's scores permuted within each prompt's images: a reward with no relation to them."""
-    import toy
+    from rewards import toy_verifier
 
-    calls = [0]
+    verifier, calls = toy_verifier(), [0]
 
     def fn(images, prompts):
-        score = toy.verify(images.detach().float().cpu(), prompts).score.float()  # (N,)
+        score = verifier(images, prompts)  # (N,)
         gen = torch.Generator().manual_seed(1_000_003 + calls[0])
         calls[0] += 1
         groups = {}
@@ -68,7 +68,7 @@ def shuffled_toy_reward(path=None, *, device="cpu", dtype=None):
         out = score.clone()
         for idx in map(torch.tensor, groups.values()):
             out[idx] = score[idx[torch.randperm(len(idx), generator=gen)]]
-        return out.to(images.device)
+        return out
 
     return fn
 
