@@ -31,10 +31,10 @@ from typing import Literal
 
 import torch
 
-from models import load_model
-from prompts import PromptSource
-from report import plot_curve
-from runtime import UsageError, print0, run, writable_dir
+from plumbing.models import load_model
+from plumbing.prompts import PromptSource
+from plumbing.runtime import UsageError, print0, run, writable_dir
+from plumbing.tables_and_figures import plot_curve
 from sampler import noise_level, rollout
 
 RECIPE_SIZES = [2, 3, 4, 7]  # GCPO's released FLUX layout over T = 16 trainable steps (17 sampled)

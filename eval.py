@@ -22,7 +22,8 @@ size, and torchrun gives bit-identical numbers to a single process.
 The toy world gets a GenEval-style breakdown: the exact verifier's strict accuracy (every atom right) per
 prompt category, and `overall`, the mean over categories as GenEval computes it. Outputs, in --output-dir:
 table.md (also printed), results.json (every image's scores, per-row summaries, the arguments) and grid.png
-(one column per model, one row per prompt, captioned with score and prompt); report.py makes them.
+(one column per model, one row per prompt, captioned with score and prompt); plumbing/tables_and_figures.py
+makes them.
 """
 
 import json
@@ -33,15 +34,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-import lora
-import recipes
-import toy
-from checkpoints import checkpoints
-from models import load_model, load_transformer, pipeline_sigmas
-from prompts import PromptSource, outside_toy_grammar
-from report import comparison_grid, markdown, summarize
-from rewards import build_reward
-from runtime import (
+from plumbing import lora, recipes, toy
+from plumbing.checkpoints import checkpoints
+from plumbing.models import load_model, load_transformer, pipeline_sigmas
+from plumbing.prompts import PromptSource, outside_toy_grammar
+from plumbing.runtime import (
     UsageError,
     cli,
     gather_objects,
@@ -51,6 +48,8 @@ from runtime import (
     setup_distributed,
     writable_dir,
 )
+from plumbing.tables_and_figures import comparison_grid, markdown, summarize
+from rewards import build_reward
 from sampler import noise_level, rollout
 
 
@@ -70,7 +69,8 @@ class Args:
     rest (GCPO: 30 of 50)"""
     # --- prompts and rewards ---
     prompts: str = "hpdv2:test"
-    """text file of one prompt a line, a named set (prompts.py; GCPO: hpdv2:test), or toy[:heldout|:train]"""
+    """text file of one prompt a line, a named set (plumbing/prompts.py; GCPO: hpdv2:test), or
+    toy[:heldout|:train]"""
     num_prompts: int | None = None
     """the first N prompts of the file (default: all); of the toy grammar's fixed list (default: 250)"""
     reward: tuple[str, ...] = ("hpsv3",)
@@ -212,7 +212,8 @@ def evaluate(model, rows, prompts, reward_fn, args: Args, rank=0, world=1, toy_w
     """Sample and score every row on this rank's batches. `rows`: (label, transformer folder or None, k), the
     model of that folder (the base when None) running the first k of the N steps and the base model the rest.
 
-    Returns this rank's per-image records (see report.py) and the grid's tiles {(row, prompt): uint8 image}.
+    Returns this rank's per-image records (see plumbing/tables_and_figures.py) and the grid's tiles
+    {(row, prompt): uint8 image}.
     """
     base, G, N = model.transformer.eval(), args.num_generations, args.num_steps
     sampling = dict(seed=args.seed, num_generations=G, sde_mode=args.sde_mode, eta=args.eta)

@@ -7,9 +7,9 @@ Reward models behind one signature, `fn(images, prompts) -> (N,) float tensor`, 
 `images` is a float tensor (N, 3, H, W) in [0, 1] on any device; each reward scores the whole batch there.
 `REWARDS` maps a name to a factory `factory(path=None, *, device, dtype) -> fn` that loads its model when
 called, from a hub id, a local folder (`--reward-path NAME=DIR`) or the checkpoint file itself (`NAME=FILE`),
-offline first; a folder's missing config or tokenizer comes from the repo named in the table. reward_models.py
-loads the published checkpoints into transformers modules and reward_inputs.py prepares their pixels and text,
-without the rewards' own packages.
+offline first; a folder's missing config or tokenizer comes from the repo named in the table.
+plumbing/reward_loading.py loads the published checkpoints into transformers modules and
+plumbing/reward_inputs.py prepares their pixels and text, without the rewards' own packages.
 
 name         checkpoint (default source)                       dtype  score, as reported here
 hpsv3        MizzenAI/HPSv3 HPSv3.safetensors (Qwen2-VL-7B)    dtype  mu of the (mu, sigma) head at <|Reward|>
@@ -42,8 +42,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from reward_inputs import clip_tokens, hpsv3_texts, open_clip_tokens, preprocess, qwen2vl_pixels
-from reward_models import (
+from plumbing.reward_inputs import clip_tokens, hpsv3_texts, open_clip_tokens, preprocess, qwen2vl_pixels
+from plumbing.reward_loading import (
     PATH_FLAG,
     VIT_H_14,
     fetch,
@@ -57,7 +57,7 @@ from reward_models import (
     pretrained,
     qwen2vl_key,
 )
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (N, 3, H, W) in [0, 1], N prompts -> (N,)
 HPSV3_REPO, QWEN2VL_REPO = "MizzenAI/HPSv3", "Qwen/Qwen2-VL-7B-Instruct"  # HPSv3 ships weights only
@@ -262,7 +262,7 @@ def jpeg(path=None, *, device="cpu", dtype=torch.float32, sign=-1.0) -> RewardFn
 
 def toy_verifier(path=None, *, device="cpu", dtype=torch.float32) -> RewardFn:
     """toy.verify: the fraction of the prompt's atoms (object, colour, count, position) rendered right."""
-    import toy
+    from plumbing import toy
 
     def score(images, prompts):
         return toy.verify(images.detach().float().cpu(), prompts).score.float().to(images.device)  # (N,)

@@ -1,7 +1,7 @@
 """
 The flow-matching SDE sampler: one `sde_step` that samples *and* scores, and batched rollouts that record
-trajectories. A library: the trainers, eval.py, chunking.py and toy_model.py sample through `rollout`, any
-model that models.py puts behind the `FlowModel` interface.
+trajectories. A library: the trainers, eval.py, chunking.py and scripts/pretrain_toy.py sample through
+`rollout`, any model that plumbing/models.py puts behind the `FlowModel` interface.
 
 Notation (diffusers convention, as in SD3 and FLUX): x_s = (1 - s) x0 + s eps, s = sigma runs from 1 (noise)
 to 0 (image), the transformer predicts the velocity v ~ eps - x0, one step s -> s' has dt = s' - s < 0. A
@@ -22,8 +22,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
-from models import FlowModel
-from runtime import UsageError, seed_for
+from plumbing.models import FlowModel
+from plumbing.runtime import UsageError, seed_for
 
 SDE_MODES = ("flow", "dance", "cps", "ode")
 DEFAULT_ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7, "ode": 0.0}  # Flow-GRPO, DanceGRPO, Flow-GRPO's CPS

@@ -35,10 +35,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-import recipes
 import train_grpo
 from chunking import chunk_bounds, chunk_means, l1rel, make_layout, num_selected, select_chunks
-from runtime import UsageError, run
+from plumbing import recipes
+from plumbing.runtime import UsageError, run
 from train_grpo import Args, ppo_clip_loss
 
 

@@ -3,7 +3,7 @@ Step-level GRPO for flow matching (DanceGRPO / Flow-GRPO), and the training loop
 
     python train_grpo.py --preset toy                        # 1 CPU: the toy world, minutes
     python train_grpo.py --num-iterations 150                # 1 GPU: GCPO's DanceGRPO baseline on FLUX.1-dev
-    python train_grpo.py --preset sd35 --lora-rank 32        # 1 GPU: a LoRA on a frozen SD3.5-M (lora.py)
+    python train_grpo.py --preset sd35 --lora-rank 32        # 1 GPU: a LoRA on a frozen SD3.5-M
     torchrun --nproc_per_node 8 train_grpo.py                # 8 GPUs: the paper's recipe, 192 trajectories
     torchrun --nproc_per_node 8 train_grpo.py --preset sd35  # Flow-GRPO's SD3.5-M recipe
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train_grpo.py
@@ -31,16 +31,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import lora
-import recipes
-from checkpoints import check_output_dir, checkpoints, resume, save_checkpoint
 from chunking import num_selected, random_units
-from metrics_log import Logger
-from models import load_model, pipeline_sigmas
-from prompts import PromptSource, outside_toy_grammar
-from report import ratio_metrics, save_samples
-from rewards import build_reward
-from runtime import (
+from plumbing import lora, recipes
+from plumbing.checkpoints import check_output_dir, checkpoints, resume, save_checkpoint
+from plumbing.metrics import Logger
+from plumbing.models import load_model, pipeline_sigmas
+from plumbing.prompts import PromptSource, outside_toy_grammar
+from plumbing.runtime import (
     UsageError,
     autocast,
     cli,
@@ -52,6 +49,8 @@ from runtime import (
     setup_distributed,
     shard,
 )
+from plumbing.tables_and_figures import ratio_metrics, save_samples
+from rewards import build_reward
 from sampler import noise_level, rollout, sde_mean_std, sde_step
 
 
@@ -63,7 +62,8 @@ class Args:
     model: str = "black-forest-labs/FLUX.1-dev"
     """FLUX or SD3 pipeline: hub id or local diffusers folder; `toy` for the bundled CPU model"""
     prompts: str = "hpdv2:train"
-    """text file of one prompt a line, a named set downloaded once (prompts.py; GCPO: hpdv2:train), or toy"""
+    """text file of one prompt a line, a named set downloaded once (plumbing/prompts.py; GCPO: hpdv2:train),
+    or toy"""
     reward: tuple[str, ...] = ("hpsv3",)
     """reward names with optional weights, `name` or `name:weight`; several are summed (see rewards.py)"""
     reward_path: tuple[str, ...] = ()
@@ -123,7 +123,7 @@ class Args:
     """sample-then-train iterations"""
     # --- LoRA ---
     lora_rank: int = 0
-    """0: full fine-tuning (GCPO); r > 0: train only a rank-r LoRA adapter on a frozen base (lora.py)"""
+    """0: full fine-tuning (GCPO); r > 0: a rank-r LoRA adapter on a frozen base (plumbing/lora.py)"""
     lora_alpha: float | None = None
     """LoRA scale alpha (the update is alpha / r B A); default 2 x rank, Flow-GRPO's 64 for rank 32"""
     lora_targets: tuple[str, ...] = ()
@@ -151,7 +151,7 @@ class Args:
     """also log to Weights & Biases (pip install wandb)"""
 
 
-PRESETS = recipes.TRAIN  # --preset toy, sd35, dance: the published recipes (recipes.py)
+PRESETS = recipes.TRAIN  # --preset toy, sd35, dance: the published recipes (plumbing/recipes.py)
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -1,4 +1,4 @@
-"""bench.py: its table at tiny size (one process, and torchrun x 2 on CPU), what its counts and floors
+"""scripts/bench.py: its table at tiny size (one process, and torchrun x 2 on CPU), what its counts and floors
 measure, the SD3 path with LoRA and a KL term, and the real sizes refused on a machine without a GPU."""
 
 import os
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
-import recipes
 import train_chunk
 from chunking import num_selected
-from runtime import UsageError
+from plumbing import recipes
+from plumbing.runtime import UsageError
+from scripts import bench
 from train_grpo import mode_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def check_table(out: str):
 
 
 def test_bench_prints_its_table_at_tiny_size():
-    cmd = [sys.executable, "bench.py", "--model", "tiny", "--iterations", "1"]
+    cmd = [sys.executable, "-m", "scripts.bench", "--model", "tiny", "--iterations", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_table(proc.stdout)
@@ -75,7 +75,7 @@ def test_bench_prints_its_table_at_tiny_size():
 
 def test_bench_runs_under_torchrun():
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launcher, "bench.py", "--model", "tiny", "--objective", "step", "--iterations", "1"]
+    cmd = [*launcher, "-m", "scripts.bench", "--model", "tiny", "--objective", "step", "--iterations", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "cpu (threads: 1) x 2" in proc.stdout and proc.stdout.count("ratio_first") == 1  # rank 0 prints

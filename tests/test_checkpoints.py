@@ -14,7 +14,7 @@ import torch
 
 import train_chunk
 import train_grpo
-from checkpoints import (
+from plumbing.checkpoints import (
     check_output_dir,
     checkpoints,
     plain,
@@ -24,8 +24,8 @@ from checkpoints import (
     save_checkpoint,
     save_weights,
 )
-from metrics_log import Logger
-from runtime import UsageError
+from plumbing.metrics import Logger
+from plumbing.runtime import UsageError
 from test_train import metrics, train, weights
 
 
@@ -206,7 +206,7 @@ def test_the_optimizer_resumes_bit_exactly(tmp_path, layout):
 def test_weights_saved_file_by_file_load_with_from_pretrained(tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    from models import load_model
+    from plumbing.models import load_model
 
     policy = load_model("toy").transformer  # 4 MB of fp32 weights: five files of at most 1 MB
     save_weights(policy, tmp_path / "transformer", rank=0, max_shard_size="1MB")

@@ -29,7 +29,7 @@ from chunking import (
     uniform,
     validate,
 )
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_cli_on_a_tiny_flux_pipeline(tiny_flux_dir, tmp_path):
 
 def test_cli_on_the_toy_bundle(tmp_path):
     if not (ROOT / "assets" / "toy" / "toy_config.json").exists():
-        pytest.skip("the toy bundle is not built yet (python toy_model.py)")
+        pytest.skip("the toy bundle is not built yet (python -m scripts.pretrain_toy)")
     flags = ["--num-prompts", 2, "--num-generations", 2, "--num-steps", 9, "--sizes", 1, 2, 5]
     record = check_report(run_cli(*flags, "--output-dir", tmp_path), tmp_path, 8, [1, 2, 5])
     assert record["prompts"] == "toy" and record["num_prompts"] == 2

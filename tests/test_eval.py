@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from eval import PRESETS, Args, hybrid_schedule, main, parse_args, resolve_checkpoint, sample, score_images
-from models import load_model
-from report import geneval_breakdown, summarize
-from runtime import run
+from plumbing.models import load_model
+from plumbing.runtime import run
+from plumbing.tables_and_figures import geneval_breakdown, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle on the left", "two blue squares", "a photo of a cat"]
@@ -167,7 +167,7 @@ def test_two_process_torchrun_equals_one_process(hybrid_run, tmp_path):
 
 # ----------------------------------------------------------------------------- 4. toy breakdown
 def test_ground_truth_toy_images_score_one_in_every_category():
-    import toy
+    from plumbing import toy
     from rewards import build_reward
 
     prompts = toy.sample_prompts("heldout", 40, seed=0)
@@ -185,7 +185,7 @@ def test_ground_truth_toy_images_score_one_in_every_category():
 
 def test_toy_preset_end_to_end(tmp_path):
     if not (Path(ROOT) / "assets" / "toy" / "toy_config.json").exists():
-        pytest.skip("the toy bundle is not built yet (python toy_model.py)")
+        pytest.skip("the toy bundle is not built yet (python -m scripts.pretrain_toy)")
     main(
         parse_args(
             [

@@ -1,4 +1,4 @@
-"""experiments/ablations.py end to end at a tiny scale: the base and two one-iteration runs in parallel, each
+"""scripts/ablations.py end to end at a tiny scale: the base and two one-iteration runs in parallel, each
 scored on held-out prompts, the table with its paired claim, and a rerun that resumes, not retrains."""
 
 import json
@@ -22,9 +22,9 @@ SMALL = [
 
 
 def ablations(out, *flags):
-    command = [sys.executable, str(ROOT / "experiments" / "ablations.py"), *SMALL, "--output-dir", str(out)]
+    command = [sys.executable, "-m", "scripts.ablations", *SMALL, "--output-dir", str(out)]
     command += ["--figures-dir", str(out)]  # never the repository's assets/
-    proc = subprocess.run([*command, *flags], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*command, *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout
 
@@ -48,17 +48,16 @@ def test_the_study_runs_scores_reports_and_resumes(tmp_path):
 
 
 def test_an_unknown_configuration_is_refused_with_the_names(tmp_path):
-    command = [sys.executable, str(ROOT / "experiments" / "ablations.py"), "--only", "stepp"]
-    proc = subprocess.run([*command, "--output-dir", str(tmp_path)], capture_output=True, text=True)
+    command = [sys.executable, "-m", "scripts.ablations", "--only", "stepp"]
+    proc = subprocess.run([*command, "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and "unknown configuration" in proc.stderr and "chunk-weighted" in proc.stderr
 
 
 def test_the_shuffled_twin_keeps_each_groups_rewards_and_drops_their_images():
-    sys.path.insert(0, str(ROOT / "experiments"))
     import torch
-    from signal_vs_drift import shuffled_toy_reward
 
-    import toy
+    from plumbing import toy
+    from scripts.signal_vs_drift import shuffled_toy_reward
 
     prompts = [p for p in toy.sample_prompts("train", 4, seed=0) for _ in range(16)]  # 4 groups of 16
     images = toy.render(prompts, seed=1)
@@ -75,11 +74,12 @@ def test_the_shuffled_twin_keeps_each_groups_rewards_and_drops_their_images():
 def test_signal_vs_drift_end_to_end_and_resumed(tmp_path):
     command = [
         sys.executable,
-        str(ROOT / "experiments" / "signal_vs_drift.py"),
+        "-m",
+        "scripts.signal_vs_drift",
         "--configs=--learning-rate 1e-4",
     ]
     command += ["--num-iterations", "1", "--num-prompts", "4", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     row = [
         line for line in (tmp_path / "table.md").read_text().splitlines() if "`--learning-rate 1e-4`" in line
@@ -87,7 +87,7 @@ def test_signal_vs_drift_end_to_end_and_resumed(tmp_path):
     assert len(row) == 1 and row[0].count("+-") == 3
     logs = {p: p.stat().st_mtime for p in tmp_path.glob("*.log")}
     assert len(logs) == 2  # the real run and its shuffled twin
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert (
         again.returncode == 0 and {p: p.stat().st_mtime for p in tmp_path.glob("*.log")} == logs
     )  # not retrained

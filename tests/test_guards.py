@@ -14,14 +14,14 @@ import torch
 
 import chunking
 import eval
-import toy_model
 import train_chunk
 import train_grpo
-from models import load_model, load_transformer
-from prompts import PromptSource
+from plumbing.models import load_model, load_transformer
+from plumbing.prompts import PromptSource
+from plumbing.runtime import UsageError, cli
 from rewards import build_reward
-from runtime import UsageError, cli
 from sampler import rollout
+from scripts import pretrain_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "toy", "--prompts-per-rank", "2", "--num-generations", "4", "--num-steps", "6"]
@@ -31,7 +31,7 @@ SCRIPTS = {
     "train_chunk": (train_chunk.ChunkArgs, train_chunk.PRESETS),
     "eval": (eval.Args, eval.PRESETS),
     "chunking": (chunking.Args, None),
-    "toy_model": (toy_model.Args, None),
+    "toy_model": (pretrain_toy.Args, None),
 }
 BAD_FLAGS = [  # (script, flags, the start of the one-line message)
     ("train_grpo", ["--clip-range", "-0.1"], "--clip-range -0.1: must be > 0"),
@@ -228,7 +228,7 @@ def test_a_hung_rank_ends_the_job_after_the_timeout(tmp_path):
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
-    from checkpoints import save_checkpoint
+    from plumbing.checkpoints import save_checkpoint
 
     args = train_grpo.parse_args(TINY + ["--output-dir", str(tmp_path)])
     policy = load_model("toy").transformer
@@ -244,7 +244,7 @@ def test_a_cuda_run_turns_off_sdpas_cudnn_backend(monkeypatch):
     # On an H200 (torch 2.11) it gave NaN gradients on the toy and an illegal memory access on FLUX.1-dev.
     import types
 
-    from runtime import setup_distributed
+    from plumbing.runtime import setup_distributed
 
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # no GPU needed to reach the switch
     enabled = torch.backends.cuda.cudnn_sdp_enabled()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import lora
-from models import load_model, load_transformer
-from runtime import UsageError
+from plumbing import lora
+from plumbing.models import load_model, load_transformer
+from plumbing.runtime import UsageError
 from test_train import TINY, check_run, metrics, train
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--beta", "0.01", "--learning-rate", "1e-3"]

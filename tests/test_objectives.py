@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chunking import chunk_bounds
-from models import load_model
+from plumbing.models import load_model
 from sampler import rollout
 from train_chunk import ChunkArgs, chunk_loss, pack
 from train_grpo import Args, Learner, compute_advantages, step_loss

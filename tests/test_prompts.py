@@ -9,9 +9,9 @@ from functools import partial
 import huggingface_hub.constants
 import pytest
 
-import prompts
-from prompts import PromptSource
-from runtime import UsageError
+from plumbing import prompts
+from plumbing.prompts import PromptSource
+from plumbing.runtime import UsageError
 
 
 class Quiet(http.server.SimpleHTTPRequestHandler):

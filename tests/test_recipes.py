@@ -10,8 +10,8 @@ import torch
 import eval
 import train_chunk
 import train_grpo
-from models import load_model, pipeline_sigmas
-from runtime import UsageError, cli
+from plumbing.models import load_model, pipeline_sigmas
+from plumbing.runtime import UsageError, cli
 from sampler import rollout, sde_mean_std, sde_step, sigma_schedule
 
 PROMPTS = ["a red circle on the left", "two blue squares"]

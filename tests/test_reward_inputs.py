@@ -1,6 +1,6 @@
-"""reward_inputs.py: the torch preprocessing against PIL and the PIL processors (CLIP, Qwen2-VL), HPSv2's
-rounding, and open_clip's tokenisation against a transcription of its rules, on the tiny CLIP vocabulary of
-test_reward_models.py. Nothing is downloaded."""
+"""plumbing/reward_inputs.py: the torch preprocessing against PIL and the PIL processors (CLIP, Qwen2-VL),
+HPSv2's rounding, and open_clip's tokenisation against a transcription of its rules, on the tiny CLIP
+vocabulary of test_reward_loading.py. Nothing is downloaded."""
 
 import html
 import math
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import reward_inputs
-from test_reward_models import MEAN, PROMPTS, STD, clip_merges, clip_tokenizer, images
+from plumbing import reward_inputs
+from test_reward_loading import MEAN, PROMPTS, STD, clip_merges, clip_tokenizer, images
 
 
 # ----------------------------------------------------------------------------- preprocessing vs the PIL path

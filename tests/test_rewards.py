@@ -1,7 +1,7 @@
 """rewards.py: tiny random reward models written in each checkpoint's real on-disk format and loaded through
 the real loaders (folders, single files, fp32 whatever dtype), HPSv3 against a transcription of HPSv3's own
 forward, the weight-free rewards, the mix and the one-line errors, which name the files to fetch. Nothing is
-downloaded. The key maps are tested in test_reward_models.py, pixels and text in test_reward_inputs.py."""
+downloaded. The key maps are tested in test_reward_loading.py, pixels and text in test_reward_inputs.py."""
 
 import hashlib
 import time
@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-import reward_inputs
 import rewards
-from reward_inputs import hpsv3_texts, qwen2vl_pixels
-from reward_models import TOKENIZER_FILES
-from runtime import UsageError
-from test_reward_models import PROMPTS, clip_tokenizer, imagereward_dir, images, tiny_clip, write_open_clip
+from plumbing import reward_inputs
+from plumbing.reward_inputs import hpsv3_texts, qwen2vl_pixels
+from plumbing.reward_loading import TOKENIZER_FILES
+from plumbing.runtime import UsageError
+from test_reward_loading import PROMPTS, clip_tokenizer, imagereward_dir, images, tiny_clip, write_open_clip
 
 CHECKPOINTED = ["pickscore", "clip", "clip_dfn", "hpsv2", "aesthetic", "imagereward", "hpsv3"]
 HPSV3_PROMPT_SHA256 = "f6ee57479d4e9eee76b49c00dc962e1e696a5a2b3cc32cebd9b1fa76fe27502c"
@@ -205,7 +205,7 @@ def test_jpeg_prefers_flat_images_and_incompressibility_the_reverse():
 
 
 def test_toy_verifier_scores_rendered_ground_truth_one():
-    import toy
+    from plumbing import toy
 
     prompts = toy.sample_prompts("train", 8, seed=0)
     scores = rewards.REWARDS["toy"]()(toy.render(prompts, seed=0), prompts)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from models import load_model, pack, unpack
-from runtime import UsageError
+from plumbing.models import load_model, pack, unpack
+from plumbing.runtime import UsageError
 from sampler import rollout, sde_step, sigma_schedule
 
 PROMPTS = ["a red circle on the left", "two blue squares"]

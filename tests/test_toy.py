@@ -1,4 +1,4 @@
-"""toy.py, the world: the grammar's split, the renderer against the verifier, hand-checked atoms, speed."""
+"""plumbing/toy.py, the world: the grammar's split, the renderer against the verifier, hand-checked atoms."""
 
 import itertools
 import time
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import eval
-import toy
-from toy import COLOURS, SHAPES, Scene
+from plumbing import toy
+from plumbing.toy import COLOURS, SHAPES, Scene
 
 
 def all_scenes():
@@ -51,7 +51,7 @@ def test_prompts_round_trip():
     for bad in ("a red circle a blue square", "five red circles", "a red circle and", "a red dog"):
         with pytest.raises(ValueError):
             toy.parse(bad)
-    # the vocabulary (toy_model.py's tokenizer) is exactly the words the grammar says
+    # the vocabulary (scripts/pretrain_toy.py's tokenizer) is exactly the words the grammar says
     assert set(toy.vocabulary()) == {w for s in all_scenes() for w in toy.prompt_of(s).split()}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny settings: 2 prompts x 4 images per rank, 6 steps (T = 5 trainable), 2 optimizer steps per iteration.

@@ -11,8 +11,8 @@ A record is one image: {"row", "model", "prompt_index", "generation", "prompt", 
 import torch
 import torch.nn.functional as F
 
-import toy
-from runtime import image_grid, print0
+from plumbing import toy
+from plumbing.runtime import image_grid, print0
 
 
 def ratio_metrics(ratio, clip_range):

@@ -7,9 +7,9 @@ about the images). Both runs are then scored on held-out prompts against the bas
     drift  = held-out delta of the shuffled run       (what the update's noise alone does to the model)
     signal = delta of the real run - delta of the shuffled run, paired on the same prompts and noise
 
-    python experiments/signal_vs_drift.py                      # lr 1e-4: one pair and its evaluation, ~8 min
-    python experiments/signal_vs_drift.py --configs="--learning-rate 1e-4 --beta 0.04" --seeds 0 1
-    python experiments/signal_vs_drift.py --trainer train_chunk.py --configs="--chunk-weighted-sampling"
+    python -m scripts.signal_vs_drift                      # lr 1e-4: one pair and its evaluation, ~8 min
+    python -m scripts.signal_vs_drift --configs="--learning-rate 1e-4 --beta 0.04" --seeds 0 1
+    python -m scripts.signal_vs_drift --trainer train_chunk.py --configs="--chunk-weighted-sampling"
 
 A configuration is a string of train_grpo.py / train_chunk.py flags over `--preset toy` (give it with `=`:
 tyro reads a leading `--` as its own flag). Runs go two at a time (one CPU thread each) and are skipped when
@@ -47,7 +47,7 @@ class Args:
     walk of its own: two runs of one setting differ by more than the prompts' standard error)"""
     num_prompts: int = 500
     """held-out prompts (one image each, ODE, the same noise for every model)"""
-    output_dir: str = "experiments/signal_vs_drift/runs"
+    output_dir: str = "runs/signal_vs_drift"
     jobs: int = 2
     """runs at a time, one CPU thread each"""
 
@@ -75,12 +75,11 @@ def shuffled_toy_reward(path=None, *, device="cpu", dtype=None):
 
 def train(argv):
     """Run a trainer in this process with the shuffled reward registered: `train TRAINER FLAGS...`."""
-    sys.path.insert(0, str(ROOT))
     torch.set_num_threads(1)
     import rewards
     import train_chunk
     import train_grpo
-    from runtime import run
+    from plumbing.runtime import run
 
     rewards.REWARDS["toy_shuffled"] = shuffled_toy_reward
     trainer, flags = argv[0], argv[1:]
@@ -102,7 +101,7 @@ def job(args, name, config, reward, seed):
         flags.append("--resume")
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     log = Path(args.output_dir) / f"{name}.log"
-    cmd = [sys.executable, __file__, "train", args.trainer, *flags]
+    cmd = [sys.executable, "-m", "scripts.signal_vs_drift", "train", args.trainer, *flags]
     with open(log, "w") as f:
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
     return last

@@ -21,7 +21,7 @@ import unicodedata
 import torch
 import torch.nn.functional as F
 
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalisation, kept by every model here
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

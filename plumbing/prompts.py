@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-import toy
-from runtime import UsageError
+from plumbing import toy
+from plumbing.runtime import UsageError
 
 FLOW_GRPO = "https://raw.githubusercontent.com/yifan123/flow_grpo/main/dataset/pickscore"
 # name: (hub dataset and file, or a URL of a text file). HPDv2's train.json and test.json are lists of records
@@ -87,8 +87,8 @@ class PromptSource:
     Specs: FILE, a PROMPT_SETS name, `toy:train`, `toy:heldout`, or `toy`, the split the script is for
     (`toy_split`: train for the trainers, held-out for eval.py and chunking.py). Training draws a fresh batch
     each iteration (`draw`); evaluation reads a fixed list (`head`): a file's lines in order, or the toy
-    grammar's list of seed 1, the held-out prompts `python toy_model.py --eval-only` scores (fixed: a script's
-    --seed varies the noise, not the benchmark).
+    grammar's list of seed 1, the held-out prompts `python -m scripts.pretrain_toy --eval-only` scores
+    (fixed: a script's --seed varies the noise, not the benchmark).
     """
 
     TOY_LIST_SEED = 1

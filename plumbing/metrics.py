@@ -1,7 +1,8 @@
 """
 metrics.jsonl, a run's log: one JSON object per iteration, appended by rank 0 (and mirrored to wandb with
 --wandb). A resumed run keeps the rows up to the iteration it resumes from and redoes the rest; a partial last
-line (the run was killed mid-write) is dropped with a warning. Of the project it imports only runtime.py.
+line (the run was killed mid-write) is dropped with a warning. Of the project it imports only
+plumbing/runtime.py.
 """
 
 import json
@@ -10,7 +11,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 
 def metrics_iteration(line: str):

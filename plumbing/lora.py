@@ -1,7 +1,7 @@
 """
 LoRA for one-GPU runs, through peft as diffusers itself uses it (`transformer.add_adapter(LoraConfig(...))`):
 the base weights stay frozen in the model's compute dtype (bf16 on CUDA, fp32 on CPU) and only the low-rank
-adapter, kept in fp32, is trained. Of the project it imports only runtime.py.
+adapter, kept in fp32, is trained. Of the project it imports only plumbing/runtime.py.
 
     W x  ->  W x + (alpha / r) B A x,   A: (r, in), B: (out, r), B = 0 at the start (so the policy starts as
                                         the base model and ratio == 1 holds on the first step)
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 # Flow-GRPO's SD3.5 targets (scripts/train_sd3.py, r 32, alpha 64, gaussian init): every attention
 # projection of the joint blocks, image side (to_q/k/v, to_out.0) and text side (add_q/k/v_proj, to_add_out).

@@ -4,7 +4,7 @@ toy model (a velocity function, prompt encoding, decoding, the latent shape), an
 folder.
 
     load_model("black-forest-labs/FLUX.1-dev", device="cuda", dtype=torch.bfloat16, height=720, width=720)
-    load_model("toy")   # the bundled CPU model (assets/toy, written by `python toy_model.py`)
+    load_model("toy")   # the bundled CPU model (assets/toy, written by `python -m scripts.pretrain_toy`)
 
 The velocity follows the diffusers convention the sampler's maths assume: v ~ eps - x0 at sigma s in [0, 1].
 """
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import lora
-from runtime import UsageError
+from plumbing import lora
+from plumbing.runtime import UsageError
 
-TOY_DIR = Path(__file__).resolve().parent / "assets" / "toy"
+TOY_DIR = Path(__file__).resolve().parents[1] / "assets" / "toy"
 
 
 @dataclass
@@ -145,7 +145,7 @@ def toy_flow_model(transformer, text_encoder, tokenizer, max_length, *, device="
 
 
 def load_toy(path, *, device="cpu", dtype=torch.float32) -> FlowModel:
-    """The toy bundle, as `python toy_model.py` writes it: transformer, text encoder, tokenizer, config."""
+    """The toy bundle as scripts/pretrain_toy.py writes it: transformer, text encoder, tokenizer, config."""
     from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel, PreTrainedTokenizerFast
 
@@ -228,7 +228,9 @@ def load_model(
     if (path / "toy_config.json").exists():
         return load_toy(path, device=device, dtype=dtype)
     if name_or_path == "toy":
-        raise UsageError(f"the toy bundle is missing from {TOY_DIR}; rebuild it with `python toy_model.py`")
+        raise UsageError(
+            f"the toy bundle is missing from {TOY_DIR}; rebuild it with `python -m scripts.pretrain_toy`"
+        )
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(name_or_path), dtype=dtype)
     except (OSError, ValueError) as e:

@@ -1,6 +1,6 @@
-"""reward_models.py: the open_clip key map (against the ViT-H-14 layout, and a round trip through tiny HPSv2.1
-and DFN5B checkpoints against an independent open_clip forward). Nothing is downloaded; test_rewards.py and
-test_reward_inputs.py build their tiny checkpoints and tokenizers with the helpers here."""
+"""plumbing/reward_loading.py: the open_clip key map (against the ViT-H-14 layout, and a round trip through
+tiny HPSv2.1 and DFN5B checkpoints against an independent open_clip forward). Nothing is downloaded;
+test_rewards.py and test_reward_inputs.py build their tiny checkpoints and tokenizers with these helpers."""
 
 import json
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reward_inputs
-import reward_models
 import rewards
-from runtime import UsageError
+from plumbing import reward_inputs, reward_loading
+from plumbing.runtime import UsageError
 
 WORDS = (
     "a an the red blue green yellow circle square triangle cat dog photo of on left right two three".split()
@@ -91,7 +90,7 @@ def tiny_clip(tok, *, act="gelu", image=28):
 
 
 def hf_to_open_clip(hf: dict) -> dict:
-    """The test's own inverse of reward_models.open_clip_to_hf, from the open_clip layout's known structure"""
+    """The test's own inverse of reward_loading.open_clip_to_hf from the open_clip layout's known structure"""
     sd = {
         "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
         "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
@@ -270,9 +269,9 @@ def test_open_clip_mapping_covers_the_vit_h14_layout(tmp_path):
     assert len(sd) == 8 + 6 + 12 * (
         24 + 32
     )  # embeddings, projections, scale; 3 tower norms; 12 tensors a block
-    mapped = reward_models.open_clip_to_hf(sd)
+    mapped = reward_loading.open_clip_to_hf(sd)
     tok = clip_tokenizer(tmp_path / "tok")
-    config = reward_models.open_clip_config(sd, reward_models.VIT_H_14["model_cfg"], tok)
+    config = reward_loading.open_clip_config(sd, reward_loading.VIT_H_14["model_cfg"], tok)
     assert (config.vision_config.num_attention_heads, config.text_config.num_attention_heads) == (16, 16)
     vision = config.vision_config
     assert (vision.image_size, vision.patch_size, vision.hidden_act, config.projection_dim) == (
@@ -285,7 +284,7 @@ def test_open_clip_mapping_covers_the_vit_h14_layout(tmp_path):
         expected = CLIPModel(config).state_dict()
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in expected.items()}
     with pytest.raises(UsageError, match="not part of an open_clip"):
-        reward_models.open_clip_to_hf({**sd, "visual.attn_pool.query": torch.empty(1, device="meta")})
+        reward_loading.open_clip_to_hf({**sd, "visual.attn_pool.query": torch.empty(1, device="meta")})
 
 
 @pytest.mark.parametrize("name", sorted(OPEN_CLIP))

@@ -1,6 +1,6 @@
 """
 The CPU-scale world: a grammar of coloured shapes, an exact renderer and an exact verifier. It imports no
-project file; toy_model.py pretrains on it the tiny FLUX-class model that ships in assets/toy/.
+project file; scripts/pretrain_toy.py pretrains on it the tiny FLUX-class model that ships in assets/toy/.
 
 Scenes are coloured shapes on black, 32x32 pixels; prompts are plain English in five GenEval-like categories:
     single_object  "a red circle"                      counting   "three yellow triangles"
@@ -136,7 +136,7 @@ def sample_prompts(split: str, n: int, seed: int) -> list[str]:
 
 
 def vocabulary() -> list[str]:
-    """Every word the grammar says, sorted (toy_model.py's tokenizer is word level over them)."""
+    """Every word the grammar says, sorted (scripts/pretrain_toy.py's tokenizer is word level over them)."""
     words = {"and", *NUMBERS.values(), *COLOURS, *SHAPES, *(s + "s" for s in SHAPES)}
     return sorted(words.union(*(p.split() for p in (*POSITIONS.values(), *RELATIONS))))
 

@@ -6,7 +6,7 @@ xingzhejun/GCPO); each preset here names the script or config it reproduces, and
 
 from pathlib import Path
 
-TOY_CURVE = Path(__file__).resolve().parent / "assets" / "toy" / "l1rel.json"
+TOY_CURVE = Path(__file__).resolve().parents[1] / "assets" / "toy" / "l1rel.json"
 
 TRAIN = {
     # The toy world: 64 trajectories per iteration, ~10 s each on one CPU core. lr 3e-5 gained held-out reward

@@ -1,8 +1,8 @@
 """
 A run's folder on disk, and resuming a run without going wrong quietly. Of the project it imports only
-runtime.py and lora.py.
+plumbing/runtime.py and plumbing/lora.py.
 
-    RUN/metrics.jsonl                        one JSON object per iteration (metrics_log.py)
+    RUN/metrics.jsonl                        one JSON object per iteration (plumbing/metrics.py)
     RUN/checkpoints/iter_XXXXX/transformer/  the policy in diffusers format (from_pretrained loads it)
     RUN/checkpoints/iter_XXXXX/optimizer/    AdamW's state, one file per rank (torch.distributed.checkpoint)
     RUN/checkpoints/iter_XXXXX/lora/         instead, a LoRA run's adapter (load_lora_weights loads it)
@@ -30,8 +30,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict as dsd
 
-import lora
-from runtime import UsageError, gather_objects, print0, writable_dir
+from plumbing import lora
+from plumbing.runtime import UsageError, gather_objects, print0, writable_dir
 
 # The flags that define a run, with the chunk flags (CHUNK_FIELDS); all others may change on --resume: run
 # length, logging, memory (batch sizes, device) and the optimizer, whose lr, betas and weight decay from the

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from runtime import UsageError
+from plumbing.runtime import UsageError
 
 PATH_FLAG = "--reward-path"
 # What AutoTokenizer reads from a folder; the first is how a folder shows it has a tokenizer of its own.

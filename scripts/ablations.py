@@ -2,8 +2,8 @@
 Chunk-GRPO's ablations (arXiv 2510.21583) on the toy world, with seeds, a control and learning curves. One
 command reruns the whole study and writes its table and figures; run it again and it resumes where it stopped.
 
-    python experiments/ablations.py                   # everything: about 2 h on 2 cores
-    python experiments/ablations.py --only step control --seeds 0 --iterations 4 --output-dir /tmp/a
+    python -m scripts.ablations                   # everything: about 2 h on 2 cores
+    python -m scripts.ablations --only step control --seeds 0 --iterations 4 --output-dir /tmp/a
 
 Every run is the toy preset of train_grpo.py or train_chunk.py plus its configuration's flags, one CPU thread
 a process, --jobs processes at once. After training, a run's checkpoints are scored on held-out prompts of the
@@ -29,18 +29,16 @@ from pathlib import Path
 import torch
 import tyro
 
+import eval as ev
+from plumbing import toy
+from plumbing.checkpoints import checkpoints
+from plumbing.models import load_model
+from plumbing.prompts import PromptSource
+from plumbing.recipes import EVAL
+from plumbing.tables_and_figures import geneval_breakdown
+from rewards import build_reward
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import eval as ev  # noqa: E402
-import toy  # noqa: E402
-from checkpoints import checkpoints  # noqa: E402
-from models import load_model  # noqa: E402
-from prompts import PromptSource  # noqa: E402
-from recipes import EVAL  # noqa: E402
-from report import geneval_breakdown  # noqa: E402
-from rewards import build_reward  # noqa: E402
-
 W = ["--chunk-weighted-sampling"]
 GCPO_LAYOUT = ["--chunk-layout", "fixed", "--chunk-sizes", "2", "3", "4", "7"]
 # name: (trainer, flags, what it is). The toy chunk preset cuts the toy model's own L1rel curve into 4 chunks.
@@ -97,8 +95,8 @@ class Args:
     num_prompts: int = 1000
     """held-out prompts of the base and of each run's last checkpoint (the table)"""
     only: tuple[str, ...] = ()
-    """run and report only these configurations (names in experiments/ablations.py); default: all"""
-    output_dir: str = "experiments/ablation"
+    """run and report only these configurations (names in scripts/ablations.py); default: all"""
+    output_dir: str = "assets/ablation"
     """runs/, table.md and results.json"""
     figures_dir: str = "assets"
     """ablation_curves.png and ablation_sweep.png, for the README"""
@@ -157,7 +155,8 @@ def spawn(args: Args, job: str, log: Path) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, *flags], env=env, stdout=f, stderr=subprocess.STDOUT)
+        command = [sys.executable, "-m", "scripts.ablations", *flags]
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         raise RuntimeError(f"job {job} failed (exit {proc.returncode}); see {log}")
     return (time.perf_counter() - start) / 60

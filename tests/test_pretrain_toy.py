@@ -1,4 +1,4 @@
-"""toy_model.py: the edge weights, the committed bundle, a bit-reproducible build end to end, user errors."""
+"""scripts/pretrain_toy.py: the edge weights, the committed bundle, a bit-reproducible build, user errors."""
 
 import itertools
 import json
@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
 import sampler
-import toy
-import toy_model
-from runtime import run
+from plumbing import models, toy
+from plumbing.runtime import run
+from scripts import pretrain_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough to pretrain in seconds: width 32 (one head), one block of each kind.
@@ -24,7 +23,7 @@ TINY = dict(steps=10, batch_size=4, dim=32, text_dim=16, num_layers=1, num_singl
 
 def test_edge_weights_mark_pixels_next_to_a_colour_change():
     images = toy.render(["a red square", "two blue triangles"], seed=3)  # (2, 3, 32, 32)
-    packed = toy_model.edge_weights(images, 4.0)  # (2, 64, 48), values 1 or 5
+    packed = pretrain_toy.edge_weights(images, 4.0)  # (2, 64, 48), values 1 or 5
     assert packed.shape == (2, 64, 48)
     w = models.toy_latents_to_images((packed - 1) / 4 * 2 - 1)  # 0 or 1 on the pixel grid (2, 3, 32, 32)
     assert torch.equal(w[:, 0], w[:, 2])  # one weight per pixel, on all three channels
@@ -42,7 +41,7 @@ def test_bundle_loads_and_rolls_out():
     model = models.load_model("toy")
     assert model.kind == "toy" and model.latent_shape == (64, 48)
     tokens = model.encode_prompts(["a red circle", "a green square above two purple circles"])
-    assert tokens["prompt_embeds"].shape[:2] == (2, toy_model.MAX_LENGTH)
+    assert tokens["prompt_embeds"].shape[:2] == (2, pretrain_toy.MAX_LENGTH)
     assert tokens["pooled_prompt_embeds"].ndim == 2
     prompts = ["a red circle on the left", "two blue squares"]
     traj = sampler.rollout(model, prompts, num_generations=2, num_steps=4, seed=0)
@@ -54,18 +53,18 @@ def test_bundle_loads_and_rolls_out():
 def test_script_builds_a_bundle_that_pretrain_reproduces_bit_for_bit(tmp_path):
     out = tmp_path / "bundle"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    cmd = [sys.executable, str(ROOT / "toy_model.py"), *flags, "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "scripts.pretrain_toy", *flags, "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [line for line in proc.stdout.splitlines() if line.startswith("held-out")]
     assert len(evals) == 2 and all(" all " in line for line in evals), proc.stdout
     assert (out / "samples.png").is_file()
-    assert json.loads((out / "toy_config.json").read_text())["max_length"] == toy_model.MAX_LENGTH
+    assert json.loads((out / "toy_config.json").read_text())["max_length"] == pretrain_toy.MAX_LENGTH
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the build is bit-reproducible on one thread, as the script runs it
     try:
-        model, text_encoder, _ = toy_model.pretrain(toy_model.Args(**TINY), progress=False)
+        model, text_encoder, _ = pretrain_toy.pretrain(pretrain_toy.Args(**TINY), progress=False)
     finally:
         torch.set_num_threads(threads)
     saved = {
@@ -90,9 +89,11 @@ def test_script_builds_a_bundle_that_pretrain_reproduces_bit_for_bit(tmp_path):
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, monkeypatch, capsys, flags, message):
     argv = [str(tmp_path) if f == "EMPTY" else f for f in flags]
-    monkeypatch.setattr(sys, "argv", ["toy_model.py", "--output-dir", str(tmp_path / "out"), *argv])
+    monkeypatch.setattr(
+        sys, "argv", ["scripts/pretrain_toy.py", "--output-dir", str(tmp_path / "out"), *argv]
+    )
     with pytest.raises(SystemExit) as e:
-        run(toy_model.main, toy_model.Args)
+        run(pretrain_toy.main, pretrain_toy.Args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert message in err, err

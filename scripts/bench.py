@@ -2,21 +2,22 @@
 What a training iteration costs, phase by phase, against the transformer compute it needs (in the spirit of
 nanoGPT's bench.py).
 
-    python bench.py                                         # CPU: the toy model's shapes, under a minute
-    python bench.py --model tiny                            # CPU: a tiny FLUX with a VAE, seconds
-    python bench.py --model flux-dev --lora-rank 128        # 1 GPU: FLUX.1-dev at GCPO's shapes, a LoRA
-    python bench.py --model sd35-medium                     # 1 GPU: Flow-GRPO's SD3.5-M recipe (LoRA r 32)
-    torchrun --nproc_per_node 8 bench.py --model flux-dev   # 8 GPUs: GCPO's full fine-tune under FSDP2
+    python -m scripts.bench                                        # CPU: the toy model's shapes, < 1 min
+    python -m scripts.bench --model tiny                           # CPU: a tiny FLUX with a VAE, seconds
+    python -m scripts.bench --model flux-dev --lora-rank 128       # 1 GPU: FLUX.1-dev at GCPO's shapes, LoRA
+    python -m scripts.bench --model sd35-medium                    # 1 GPU: Flow-GRPO's SD3.5-M (LoRA r 32)
+    torchrun --nproc_per_node 8 -m scripts.bench --model flux-dev  # 8 GPUs: GCPO's full fine-tune, FSDP2
 
 Each model is a transformer of its published configuration with random weights, given random prompt embeddings
 of the real shapes: nothing is downloaded and no text encoder runs (T5-XXL's 4.8 TFLOP for a 512-token prompt
 are 0.03% of a FLUX iteration; decoding, which runs through the real VAE architecture, 0.3%). The settings are
-the trainers' recipe for the model (recipes.py; flux-dev: GCPO's), changed by the flags. An iteration runs
-the trainers' code: sampler.rollout, random rewards through compute_advantages, the step or chunk objective,
-clipping and AdamW. After each timed phase its compute floor runs: the transformer passes it needs and nothing
-else (rollout: num_steps forwards of each rollout batch; train: forward + backward of the transitions trained,
---train-batch-size at a time, and the KL reference's forward), so wall/floor prices all the rest. FLOPs are
-counted on one row by torch's FlopCounterMode (no recomputation: the usual MFU convention). Rank 0 prints.
+the trainers' recipe for the model (plumbing/recipes.py; flux-dev: GCPO's), changed by the flags. An iteration
+runs the trainers' code: sampler.rollout, random rewards through compute_advantages, the step or chunk
+objective, clipping and AdamW. After each timed phase its compute floor runs: the transformer passes it needs
+and nothing else (rollout: num_steps forwards of each rollout batch; train: forward + backward of the
+transitions trained, --train-batch-size at a time, and the KL reference's forward), so wall/floor prices all
+the rest. FLOPs are counted on one row by torch's FlopCounterMode (no recomputation: the usual MFU
+convention). Rank 0 prints.
 """
 
 import itertools
@@ -32,11 +33,10 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 
-import lora
-import recipes
 import train_chunk
-from models import FlowModel, flux_velocity, latent_flow_model, toy_latents_to_images
-from runtime import UsageError, autocast, print0, run, seed_for, setup_distributed, shard
+from plumbing import lora, recipes
+from plumbing.models import FlowModel, flux_velocity, latent_flow_model, toy_latents_to_images
+from plumbing.runtime import UsageError, autocast, print0, run, seed_for, setup_distributed, shard
 from sampler import rollout
 from train_chunk import describe_chunks
 from train_grpo import Learner, compute_advantages, describe_steps, mode_defaults, step_objective
@@ -118,7 +118,7 @@ class Args:
 
 
 def build(size: Size, cls, t, device, half) -> FlowModel:
-    """The FlowModel of a size: random weights and random prompt embeddings behind models.py's adapters."""
+    """The FlowModel of a size: random weights and random prompt embeddings behind the model adapters."""
     with torch.device(device):  # initialised where it runs (a 12B init on a CPU takes minutes)
         transformer = cls(**size.transformer)  # fp32 master weights; a LoRA's frozen base in `half`
         vae = None if size.vae is None else AutoencoderKL(**size.vae).eval().requires_grad_(False)

@@ -1,8 +1,8 @@
 """
 Plumbing under every script: the user-error type and the one entry point that reports it, torchrun setup,
-FSDP2 sharding, cross-rank reductions, seeds and image grids (prompts are prompts.py's; a run's folder, its
-checkpoints and its log are checkpoints.py's). Nothing here is part of the algorithm (train_grpo.py holds
-that), and it imports nothing of the project.
+FSDP2 sharding, cross-rank reductions, seeds and image grids (prompts are plumbing/prompts.py's; a run's
+folder, its checkpoints and its log are plumbing/checkpoints.py's). Nothing here is part of the algorithm
+(train_grpo.py holds that), and it imports nothing of the project.
 """
 
 import math

@@ -4,8 +4,8 @@ measured: K independent batches of rollouts from one policy (B prompts x G image
 toy preset samples them), each batch's gradient of the step-level GRPO loss at every denoising step, and the
 cosine between the gradients of different batches.
 
-    python experiments/gradient_snr.py                          # the toy preset's batch, 6 batches: ~4 min
-    python experiments/gradient_snr.py --eta 1.2 --fixed-prompts
+    python -m scripts.gradient_snr                          # the toy preset's batch, 6 batches: ~4 min
+    python -m scripts.gradient_snr --eta 1.2 --fixed-prompts
 
 For unbiased estimates g_i = mu + n_i of one gradient mu from N trajectories each,
 E cos(g_i, g_j) ~ |mu|^2 / (|mu|^2 + tr(Sigma) / N): a mean cosine near 0 means a batch's gradient is noise,
@@ -13,21 +13,17 @@ and N (1 - c) / c estimates the batch size at which the cosine would reach 1/2 (
 """
 
 import itertools
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import toy  # noqa: E402
-from models import load_model  # noqa: E402
-from rewards import build_reward  # noqa: E402
-from sampler import rollout  # noqa: E402
-from train_grpo import Args as TrainArgs  # noqa: E402
-from train_grpo import Learner, compute_advantages, step_loss  # noqa: E402
+from plumbing import toy
+from plumbing.models import load_model
+from rewards import build_reward
+from sampler import rollout
+from train_grpo import Args as TrainArgs
+from train_grpo import Learner, compute_advantages, step_loss
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """
-A tiny FLUX-class text-to-image model, pretrained from scratch on the toy world of toy.py: the bundle in
-assets/toy/ that every script loads as the model "toy" (models.load_model).
+A tiny FLUX-class text-to-image model, pretrained from scratch on the toy world of plumbing/toy.py: the bundle
+in assets/toy/ that every script loads as the model "toy" (models.load_model).
 
-    python toy_model.py               # rebuild assets/toy/ (~35 min on one CPU core), evaluate, samples.png
-    python toy_model.py --eval-only   # evaluate the committed bundle on held-out prompts (ode and flow SDE)
-    python toy_model.py --steps 20 --eval-prompts 10 --output-dir /tmp/toy   # a smoke test, under a minute
+    python -m scripts.pretrain_toy              # rebuild assets/toy/ (~35 min, one core), samples.png
+    python -m scripts.pretrain_toy --eval-only  # evaluate the committed bundle, held out (ODE, SDE)
+    python -m scripts.pretrain_toy --steps 20 --eval-prompts 10 --output-dir /tmp/toy  # a smoke test, < 1 min
 
 The build is deterministic in --seed (on one thread: more threads may reorder float sums).
 
@@ -13,7 +13,7 @@ The model is FLUX in miniature: a FluxTransformer2DModel over 64 tokens of 4x4 p
 text encoder over a word-level tokenizer of the grammar, both trained jointly from scratch by flow matching
 with FLUX's sigma convention, so the sampler's FLUX adapter samples it unchanged. The loss is weighted up
 along object edges (`edge_weights`). Shapes are learned because the world draws every object as the same 3x3
-tokens (toy.py); count and relations much less (README, "The toy world", has the numbers).
+tokens (plumbing/toy.py); count and relations much less (README, "The toy world", has the numbers).
 """
 
 import json
@@ -30,11 +30,10 @@ from tokenizers.models import WordLevel
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-import models
 import sampler
-import toy
-from prompts import PromptSource
-from runtime import UsageError, image_grid, run, writable_dir
+from plumbing import models, toy
+from plumbing.prompts import PromptSource
+from plumbing.runtime import UsageError, image_grid, run, writable_dir
 
 
 @dataclass
@@ -79,7 +78,7 @@ def check(args: Args):
     if args.eval_only and not (Path(args.output_dir) / "toy_config.json").is_file():
         raise UsageError(
             f"no toy bundle in {args.output_dir!r} to evaluate (toy_config.json is missing); build one with "
-            f"`python toy_model.py --output-dir {args.output_dir}` or point --output-dir at one"
+            f"`python -m scripts.pretrain_toy --output-dir {args.output_dir}` or point --output-dir at one"
         )
     if not args.eval_only and args.steps < 10:
         raise UsageError(f"--steps is {args.steps}; it needs at least 10 (the warmup is a tenth of them)")
