@@ -15,7 +15,7 @@ flat over the tail, so the chunks are small first and long last. Under the SDE m
 injected noise (its std g sqrt(-dt) is largest near sigma = 1); under the ODE the toy curve *rises* instead,
 so measure the curve with the sampler you train with (--sde-mode). A layout is a list of chunk sizes summing
 to T, index 0 at the highest noise. Four ways to get one, each an importable function:
-  fixed     given sizes; the released FLUX recipe is [2, 3, 4, 7] over 16 trainable steps, picked by eye (v1).
+  fixed     given sizes (validate); the released FLUX recipe, [2, 3, 4, 7] over T = 16, picked by eye (v1).
   uniform   equal sizes, the last one shorter if the size does not divide T (ablations: [2x8], [4x4], [8, 8]).
   curve     ours: the K-piece least-squares fit of the mean curve, so that each chunk's steps move alike.
   adaptive  GCPO v3's rule, given in words without a threshold and not in its code: `adaptive` reads it.
@@ -24,7 +24,7 @@ with probability proportional to the chunk's mean L1rel; only the selection chan
 """
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Literal
@@ -35,7 +35,7 @@ from plumbing.models import load_model
 from plumbing.prompts import PromptSource
 from plumbing.runtime import UsageError, print0, run, writable_dir
 from plumbing.tables_and_figures import plot_curve
-from sampler import noise_level, rollout
+from sampler import mode_defaults, num_selected, random_units, rollout, sampling_settings
 
 RECIPE_SIZES = [2, 3, 4, 7]  # GCPO's released FLUX layout over T = 16 trainable steps (17 sampled)
 
@@ -126,11 +126,6 @@ def validate(sizes, T: int) -> list[int]:
     return sizes
 
 
-def fixed(sizes, T: int) -> list[int]:
-    """The given sizes, checked (the FLUX recipe: [2, 3, 4, 7] with T = 16)."""
-    return validate(sizes, T)
-
-
 def uniform(size: int, T: int) -> list[int]:
     """Chunks of `size` steps from the high-noise end; a shorter last chunk when size does not divide T."""
     if size <= 0:
@@ -216,7 +211,7 @@ def adaptive(mean_curve, min_size: int = 2) -> list[int]:
     return validate(split(0, len(c), 1), len(c))
 
 
-LAYOUTS = {"fixed": fixed, "uniform": uniform, "curve": curve, "adaptive": adaptive}
+LAYOUTS = ("fixed", "uniform", "curve", "adaptive")  # fixed: given sizes, checked by validate
 
 
 def make_layout(name: str, T: int, *, sizes=None, size=None, mean_curve=None, num_chunks=4, min_size=None):
@@ -226,7 +221,7 @@ def make_layout(name: str, T: int, *, sizes=None, size=None, mean_curve=None, nu
     if name == "fixed":
         if sizes is None:
             raise UsageError("the 'fixed' chunk layout needs its chunk sizes, e.g. 2 3 4 7 for 16 steps")
-        return fixed(sizes, T)
+        return validate(sizes, T)
     if name == "uniform":
         if size is None:
             raise UsageError("the 'uniform' chunk layout needs a chunk size, e.g. 4")
@@ -256,18 +251,6 @@ def chunk_means(values: torch.Tensor, sizes) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- selection
 SELECTION_METHODS = ("normalized", "softmax", "uniform")
-
-
-def num_selected(num_units: int, fraction: float) -> int:
-    """How many of K units (chunks or steps) a trajectory trains: max(1, int(K * fraction))."""
-    if not 0 < fraction <= 1:
-        raise UsageError(f"the fraction of chunks or steps to train must be in (0, 1], got {fraction}")
-    return max(1, int(num_units * fraction))
-
-
-def random_units(n: int, num_units: int, fraction: float, generator=None, device=None):  # (n, k) randperm[:k]
-    k = num_selected(num_units, fraction)
-    return torch.stack([torch.randperm(num_units, generator=generator, device=device)[:k] for _ in range(n)])
 
 
 def select_chunks(weights, fraction: float, *, method="normalized", generator=None, shape=None):
@@ -303,7 +286,7 @@ def select_chunks(weights, fraction: float, *, method="normalized", generator=No
 
 # ----------------------------------------------------------------------------- measuring a model's curve
 def main(args: Args):
-    args = replace(args, eta=noise_level(args.sde_mode, args.eta))
+    args = mode_defaults(args)  # eta of the --sde-mode's recipe unless given
     T = args.num_steps - 1
     validate(args.sizes, T)  # fail before sampling, not after
     source = PromptSource(args.prompts, toy_split="heldout")
@@ -313,8 +296,8 @@ def main(args: Args):
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     model = load_model(args.model, device=args.device, height=args.height, width=args.width, dtype=dtype)
     out = writable_dir(args.output_dir)
-    sampling = dict(num_steps=args.num_steps, shift=args.shift, mode=args.sde_mode, eta=args.eta)
     G, batch_size = args.num_generations, args.rollout_batch_size
+    sampling = sampling_settings(args, model)
     traj = rollout(model, prompts, num_generations=G, seed=args.seed, batch_size=batch_size, **sampling)
     rel = l1rel(traj.latents).cpu()  # (N, T)
     stats = curve_stats(rel, args.num_generations)  # name -> (T,)

@@ -27,7 +27,7 @@ makes them.
 """
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,11 +36,10 @@ import torch.distributed as dist
 
 from plumbing import lora, recipes, toy
 from plumbing.checkpoints import checkpoints
-from plumbing.models import load_model, load_transformer, pipeline_sigmas
+from plumbing.models import load_model, load_transformer
 from plumbing.prompts import PromptSource, outside_toy_grammar
 from plumbing.runtime import (
     UsageError,
-    cli,
     gather_objects,
     print0,
     run,
@@ -50,7 +49,7 @@ from plumbing.runtime import (
 )
 from plumbing.tables_and_figures import comparison_grid, markdown, summarize
 from rewards import build_reward
-from sampler import noise_level, rollout
+from sampler import mode_defaults, rollout, sampling_settings
 
 
 @dataclass
@@ -115,10 +114,6 @@ class Args:
 PRESETS = recipes.EVAL  # --preset toy
 
 
-def parse_args(argv=None) -> Args:
-    return cli(Args, PRESETS, argv)
-
-
 # ----------------------------------------------------------------------------- inputs
 def resolve_checkpoint(spec: str) -> tuple[str, Path]:
     """`[label=]path` -> (label, transformer or LoRA folder), from a checkpoint, its transformer/ or lora/, or
@@ -158,24 +153,13 @@ def hybrid_schedule(trained, base, k: int, num_steps: int) -> list:
     return [trained] * k + [base] * (num_steps - k)
 
 
-def sample(
-    model, transformers, prompts, indices, *, seed=0, num_generations=1, sde_mode="ode", eta=0.7, **schedule
-):
+def sample(model, transformers, prompts, indices, *, seed=0, num_generations=1, **sampling):
     """Images (N, 3, H, W), N = len(prompts) * G, of `prompts` (global indices `indices`); step i runs
     transformers[i]. sampler.rollout is the one sampling loop; eval keys each prompt's noise by its index in
     the prompt set, so the noise of prompt p is the same whichever model, rank or batch samples it.
-    `schedule`: `shift=` or `sigmas=`, as rollout takes them."""
-    prompt_seeds = [seed_for(seed, p) for p in indices]
-    sampling = dict(num_steps=len(transformers), mode=sde_mode, eta=eta, **schedule)
-    traj = rollout(
-        model,
-        prompts,
-        num_generations=num_generations,
-        prompt_seeds=prompt_seeds,
-        transformers=transformers,
-        **sampling,
-    )
-    return traj.images
+    `sampling`: rollout's num_steps (len(transformers)), mode, eta, shift or sigmas (sampling_settings)."""
+    keys = dict(num_generations=num_generations, prompt_seeds=[seed_for(seed, p) for p in indices])
+    return rollout(model, prompts, transformers=transformers, **keys, **sampling).images
 
 
 def score_images(images, prompts, reward_fn, *, toy_world=False) -> dict:
@@ -216,11 +200,7 @@ def evaluate(model, rows, prompts, reward_fn, args: Args, rank=0, world=1, toy_w
     {(row, prompt): uint8 image}.
     """
     base, G, N = model.transformer.eval(), args.num_generations, args.num_steps
-    sampling = dict(seed=args.seed, num_generations=G, sde_mode=args.sde_mode, eta=args.eta)
-    if args.schedule == "pipeline":
-        sampling["sigmas"] = pipeline_sigmas(model, N)
-    else:
-        sampling["shift"] = args.shift
+    sampling = sampling_settings(args, model) | dict(seed=args.seed, num_generations=G)
     records, tiles, trained, loaded = [], {}, base, None
     for row, (label, folder, k) in enumerate(rows):
         if folder != loaded:  # a checkpoint is loaded once for its rows
@@ -283,7 +263,7 @@ def write_report(records, tiles, labels, prompts, args: Args) -> str:
 
 
 def main(args: Args):
-    args = replace(args, eta=noise_level(args.sde_mode, args.eta))
+    args = mode_defaults(args)  # eta of the --sde-mode's recipe unless given
     device, rank, world = setup_distributed(args)
     # Everything a user can get wrong fails here, before a model is loaded.
     ckpts = [resolve_checkpoint(c) for c in args.checkpoints]

@@ -15,23 +15,42 @@ GCPO and DanceGRPO sample it stochastically but decode the reward's image from x
 estimate at its input, which is exactly this deterministic step: the same image.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
-from plumbing.models import FlowModel
+from plumbing.models import FlowModel, pipeline_sigmas
 from plumbing.runtime import UsageError, seed_for
 
 SDE_MODES = ("flow", "dance", "cps", "ode")
-DEFAULT_ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7, "ode": 0.0}  # Flow-GRPO, DanceGRPO, Flow-GRPO's CPS
+# Each --sde-mode's own recipe, wherever --eta or --clip-range is not given: the SDE's noise level, and the
+# PPO clip range trained with it (tiny, since a log-prob here is a mean over latent elements, not a sum).
+# flow: Flow-GRPO and GCPO; dance: DanceGRPO; cps: Flow-GRPO's CPS sampler; ode: evaluation, never trained.
+MODE_ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7, "ode": 0.0}
+MODE_CLIP_RANGE = {"flow": 5e-5, "dance": 1e-4, "cps": 1e-5}
 
 
-def noise_level(mode: str, eta: float | None) -> float:
-    """eta as given, or, when unset, the noise level of the mode's own recipe (DEFAULT_ETA)."""
-    return DEFAULT_ETA[mode] if eta is None else eta
+def mode_defaults(args):
+    """`args` (a script's Args) with the eta, and the clip range where it has one, of its --sde-mode's own
+    recipe wherever they were left unset. Every script resolves them here, once, as it starts."""
+    resolved = {"eta": MODE_ETA[args.sde_mode] if args.eta is None else args.eta}
+    if "clip_range" in {f.name for f in fields(args)} and args.clip_range is None:
+        resolved["clip_range"] = MODE_CLIP_RANGE[args.sde_mode]
+    return replace(args, **resolved)
+
+
+def sampling_settings(args, model: FlowModel) -> dict:
+    """rollout's keywords for the policy a script's (resolved) Args describe: steps, sigmas, SDE mode and eta.
+    `--schedule pipeline` takes the stock pipeline scheduler's sigmas, else linspace under --shift."""
+    settings = dict(num_steps=args.num_steps, mode=args.sde_mode, eta=args.eta)
+    if getattr(args, "schedule", "shift") == "pipeline":
+        settings["sigmas"] = pipeline_sigmas(model, args.num_steps)
+    else:
+        settings["shift"] = args.shift
+    return settings
 
 
 def sigma_schedule(num_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -155,6 +174,23 @@ def velocity_batched(model, transformer, x, sigma, embeds, batch_size):
         xb = x[b : b + batch_size]
         parts.append(model.velocity(transformer, xb, sigma.expand(len(xb)), rows))
     return torch.cat(parts)  # (N, ...)
+
+
+# ----------------------------------------------------------------------------- which transitions train
+def num_selected(num_units: int, fraction: float) -> int:
+    """How many of a trajectory's K units (steps, or chunks of steps) an iteration trains: max(1, int(K f))"""
+    if not 0 < fraction <= 1:
+        raise UsageError(f"the fraction of chunks or steps to train must be in (0, 1], got {fraction}")
+    return max(1, int(num_units * fraction))
+
+
+def random_units(n: int, num_units: int, fraction: float, generator=None, device=None) -> torch.Tensor:
+    """For each of n trajectories, num_selected(num_units, fraction) distinct units drawn uniformly without
+    replacement, in draw order: (n, k) long, row i the first k of a permutation from `generator`. The step
+    objective's timestep_fraction of steps, and the chunk objective's uniform selection: chunks of size 1
+    draw exactly the steps the step objective draws from the same generator state."""
+    k = num_selected(num_units, fraction)
+    return torch.stack([torch.randperm(num_units, generator=generator, device=device)[:k] for _ in range(n)])
 
 
 @torch.no_grad()

@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 
 import train_grpo
-from chunking import chunk_bounds, chunk_means, l1rel, make_layout, num_selected, select_chunks
+from chunking import chunk_bounds, chunk_means, l1rel, make_layout, select_chunks
 from plumbing import recipes
 from plumbing.runtime import UsageError, run
+from sampler import num_selected
 from train_grpo import Args, ppo_clip_loss
 
 
@@ -71,7 +72,7 @@ class ChunkArgs(Args):
 PRESETS = recipes.CHUNK  # the trainer's recipes; the toy one cuts the toy model's own L1rel curve
 
 
-def pack(lengths, capacity):
+def first_fit_batches(lengths, capacity):
     """Batches of unit indices, each batch at most `capacity` rows in all: first-fit decreasing (longest units
     first, ties in index order, each into the first batch with room), so the batches come out nearly full.
     A unit longer than `capacity` gets a batch of its own."""
@@ -91,25 +92,26 @@ def chunk_mean(x, seg, size):
     return x.new_zeros(len(size)).index_add(0, seg, x) / size
 
 
-def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
+def chunk_loss(learner, traj, adv, kept, rows, chunks, sizes, scale):
     """Forward + backward the chunk-level loss of trajectories `rows` (n,) at their selected `chunks` (n, k).
 
     Whole chunks of any trajectories are packed into forwards of at most --train-batch-size rows (each row a
     step at its own sigma), one graph and one backward per forward. A chunk is never split: one longer than
     --train-batch-size gets a forward of its own, and memory is then that of the largest chunk. Scaled like
-    train_grpo.step_loss (scale / k per chunk), so chunks of size 1 give exactly the step-level gradient.
-    Returns the (n*k,) chunk ratios, row-major in (rows, chunks), as the metrics expect.
+    train_grpo.step_loss (scale / k per chunk, times `kept`), so chunks of size 1 give exactly the step-level
+    gradient. Returns the (n*k,) chunk ratios, row-major in (rows, chunks), as the metrics expect.
     """
     a, k, device = learner.args, chunks.shape[1], rows.device
     bounds = torch.tensor(chunk_bounds(sizes), device=device)  # (K, 2) each chunk's steps [start, end)
     start, end = bounds[chunks.flatten().to(device)].unbind(1)  # (n*k,) of each trained chunk, row-major
     row, size = rows.repeat_interleave(k), end - start  # (n*k,) its trajectory and its number of steps
-    ratios, batches = torch.empty(len(row), device=device), pack(size.tolist(), a.train_batch_size)
+    batches = first_fit_batches(size.tolist(), a.train_batch_size)  # lists of indices into row
+    ratios = torch.empty(len(row), device=device)  # (n*k,)
     # Ranks pack their own chunks into different numbers of forwards, but under FSDP each forward and backward
     # is a collective: a rank with fewer runs idle ones (one row, zero loss) until it has run as many as all.
-    most = torch.tensor(len(batches), device=device)
+    max_forwards = torch.tensor(len(batches), device=device)
     if dist.is_initialized():  # before any forward: the ranks' collectives must come in the same order
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        dist.all_reduce(max_forwards, op=dist.ReduceOp.MAX)
     for batch in batches:
         u = torch.tensor(batch, device=device)  # (m,) the chunks of this forward
         c = size[u]  # (m,) their sizes, M = c.sum() rows
@@ -124,17 +126,15 @@ def chunk_loss(learner, traj, adv, rows, chunks, sizes, scale):
             loss = ppo_clip_loss(ratio, adv[row[u]], a.clip_range) + a.beta * chunk_mean(kl, seg, c)
         else:  # the control: each step's own ratio and clip, averaged over its chunk (still reported: r_j)
             loss = chunk_mean(ppo_clip_loss(log_ratio.exp(), adv[r], a.clip_range) + a.beta * kl, seg, c)
-        if learner.kept is not None:  # see train_grpo.step_loss
-            loss = loss * learner.kept[row[u]]
-        (loss.sum() * scale / k).backward()
+        ((loss * kept[row[u]]).sum() * scale / k).backward()
         ratios[u] = ratio.detach()
-    for _ in range(int(most) - len(batches)):
+    for _ in range(int(max_forwards) - len(batches)):
         logp, kl = learner.log_probs(traj, row[:1], start[:1])
         ((logp + kl).sum() * 0).backward()
     return ratios  # (n*k,)
 
 
-def chunk_objective(learner, traj, adv, rows, scale, generator, *, sizes):
+def chunk_objective(learner, traj, adv, kept, rows, scale, generator, *, sizes):
     """Chunk-level GRPO: pick each trajectory's chunks (uniformly, or weighted by L1rel), then chunk_loss."""
     a = learner.args
     if a.chunk_weighted_sampling:
@@ -143,11 +143,9 @@ def chunk_objective(learner, traj, adv, rows, scale, generator, *, sizes):
     else:
         shape = (len(rows), len(sizes))
         chunks = select_chunks(None, a.chunk_fraction, method="uniform", generator=generator, shape=shape)
-    counts = torch.bincount(
-        chunks.flatten(), minlength=len(sizes)
-    ).tolist()  # (K,) times each chunk is trained
-    histogram = {f"chunks/{j}": c for j, c in enumerate(counts)}
-    return chunk_loss(learner, traj, adv, rows, chunks, sizes, scale), histogram
+    trained = torch.bincount(chunks.flatten(), minlength=len(sizes)).tolist()  # (K,) times each chunk trains
+    histogram = {f"chunks/{j}": c for j, c in enumerate(trained)}
+    return chunk_loss(learner, traj, adv, kept, rows, chunks, sizes, scale), histogram
 
 
 def layout(args: ChunkArgs) -> list[int]:

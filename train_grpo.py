@@ -22,8 +22,9 @@ GCPO; Flow-GRPO's (`--beta`) is beta * mean((mu_theta - mu_ref)^2) / (2 g^2) aga
 
 import math
 import time
+from collections import Counter
 from copy import deepcopy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,27 +32,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from chunking import num_selected, random_units
 from plumbing import lora, recipes
-from plumbing.checkpoints import check_output_dir, checkpoints, resume, save_checkpoint
-from plumbing.metrics import Logger
-from plumbing.models import load_model, pipeline_sigmas
+from plumbing.checkpoints import check_output_dir, checkpoint_due, checkpoints, resume, save_checkpoint
+from plumbing.metrics import Logger, iteration_metrics
+from plumbing.models import load_model
 from plumbing.prompts import PromptSource, outside_toy_grammar
-from plumbing.runtime import (
-    UsageError,
-    autocast,
-    cli,
-    gather,
-    print0,
-    reduce_mean,
-    run,
-    seed_for,
-    setup_distributed,
-    shard,
-)
-from plumbing.tables_and_figures import ratio_metrics, save_samples
+from plumbing.runtime import UsageError, autocast, print0, run, seed_for, setup_distributed, shard
+from plumbing.tables_and_figures import save_samples
 from rewards import build_reward
-from sampler import noise_level, rollout, sde_mean_std, sde_step
+from sampler import (
+    mode_defaults,
+    num_selected,
+    random_units,
+    rollout,
+    sampling_settings,
+    sde_mean_std,
+    sde_step,
+)
 
 
 @dataclass
@@ -202,11 +199,11 @@ class Learner:
 
     model: object
     ref: object  # the frozen reference transformer (a LoRA run's: its adapter off), or None without --beta
-    args: Args
-    kept: torch.Tensor | None = None  # (N,) 1.0, or 0.0 for a trajectory dropped for its non-finite reward
+    args: Args  # resolved by sampler.mode_defaults: eta and clip_range are numbers
 
     def __post_init__(self):
-        self.args = mode_defaults(self.args)  # eta and clip_range, wherever the Learner was built from
+        if self.args.eta is None or self.args.clip_range is None:
+            raise ValueError("Learner needs args resolved by sampler.mode_defaults (eta and clip_range set)")
 
     def log_probs(self, traj, rows, steps):
         """log pi_theta of the stored transitions (rows[m], steps[m]) as one batch, each row at its own sigma,
@@ -238,12 +235,13 @@ def kl_to_reference(mean, mean_ref, std, minus_dt):
     return ((mean - mean_ref) ** 2 / (2 * g_squared)).mean(tuple(range(1, mean.ndim)))
 
 
-def step_loss(learner, traj, adv, rows, steps, scale):
+def step_loss(learner, traj, adv, kept, rows, steps, scale):
     """Forward + backward the step-level loss of trajectories `rows` (n,) at their selected `steps` (n, k).
 
     Each transition's loss is scaled by `scale / k` (scale = 1 / trajectories per optimizer step), so the
     gradient is the mean over trajectories of the mean over their trained steps, however the transitions are
-    batched.
+    batched. `kept` (N,): 1.0, or 0.0 for a trajectory dropped for its non-finite reward, whose forwards still
+    run (under FSDP every rank must run as many) but whose loss counts for nothing.
     """
     a, k = learner.args, steps.shape[1]
     r = rows[:, None].expand_as(steps).flatten()  # (n*k,) the trajectory of each transition
@@ -253,19 +251,19 @@ def step_loss(learner, traj, adv, rows, steps, scale):
         rb, tb = r[b : b + a.train_batch_size], t[b : b + a.train_batch_size]
         logp, kl = learner.log_probs(traj, rb, tb)
         ratio = (logp - traj.log_probs[rb, tb]).exp()  # (m,) r_t = exp(logp_theta - logp_old)
-        loss = ppo_clip_loss(ratio, adv[rb], a.clip_range) + a.beta * kl
-        if learner.kept is not None:  # a dropped trajectory still runs its forwards: every rank runs as many
-            loss = loss * learner.kept[rb]
+        loss = (ppo_clip_loss(ratio, adv[rb], a.clip_range) + a.beta * kl) * kept[rb]
         (loss.sum() * scale / k).backward()
         ratios.append(ratio.detach())
     return torch.cat(ratios)  # (n*k,)
 
 
-def step_objective(learner, traj, adv, rows, scale, generator):
-    """Step-level GRPO: a random `timestep_fraction` of each trajectory's T steps, each step its own unit."""
+def step_objective(learner, traj, adv, kept, rows, scale, generator):
+    """Step-level GRPO: a random `timestep_fraction` of each trajectory's T steps, each step its own unit.
+    Returns the ratios and, for the metrics, counts of what was trained (none here; the chunk objective's
+    histogram of chunks)."""
     T = traj.log_probs.shape[1]  # a step is a chunk of size 1
     steps = random_units(len(rows), T, learner.args.timestep_fraction, generator).to(rows.device)  # (n, k)
-    return step_loss(learner, traj, adv, rows, steps, scale), {}
+    return step_loss(learner, traj, adv, kept, rows, steps, scale), {}
 
 
 def describe_steps(args, T):
@@ -274,50 +272,31 @@ def describe_steps(args, T):
 
 
 # ----------------------------------------------------------------------------- the loop
-def mode_defaults(args: Args) -> Args:
-    """args with the SDE's noise level and the clip range of the mode's own recipe where they were left unset:
-    Flow-GRPO / GCPO (flow: 0.7, 5e-5), DanceGRPO (dance: 0.3, 1e-4), Flow-GRPO's CPS (cps: 0.7, 1e-5)."""
-    eta = noise_level(args.sde_mode, args.eta)
-    clip = (
-        {"flow": 5e-5, "dance": 1e-4, "cps": 1e-5}[args.sde_mode]
-        if args.clip_range is None
-        else args.clip_range
-    )
-    return replace(args, eta=eta, clip_range=clip)
-
-
-def main(args: Args, objective=step_objective, describe=describe_steps):
-    """The GRPO loop. `objective(learner, traj, adv, rows, scale, generator) -> (ratios, extra counts)` does
-    the forward/backward of one optimizer step's trajectories; train_chunk.py passes its chunk-level one."""
-    args = mode_defaults(args)  # eta and clip_range follow --sde-mode unless given
-    device, rank, world = setup_distributed(args)
-    n_local, T = args.prompts_per_rank * args.num_generations, args.num_steps - 1
+def check_batch(args: Args):
+    """The batch flags a run cannot start with, each refused with the flag to change."""
     if args.num_generations < 2:
         raise UsageError("--num-generations 1: group-relative advantages need at least 2 images per prompt")
+    n_local = args.prompts_per_rank * args.num_generations
     if n_local % args.gradient_accumulation_steps:
         raise UsageError(
             f"--prompts-per-rank x --num-generations = {n_local} trajectories per rank is not divisible by "
             f"--gradient-accumulation-steps {args.gradient_accumulation_steps}; change one of them"
         )
-    totals = describe(args, T)  # validates the objective's flags before anything is loaded
-    check_output_dir(args)  # a used or unwritable --output-dir is refused before anything is written
-    prompts = PromptSource(args.prompts, toy_split="train")
-    outside = None if prompts.is_toy else outside_toy_grammar(prompts.lines)
-    if "toy" in [spec.partition(":")[0] for spec in args.reward] and outside is not None:
-        raise UsageError(f"the toy reward scores toy-grammar prompts; {args.prompts} has {outside[:80]!r}")
-    # Inference-only parts (rollouts, rewards, the reference) run in bf16 on CUDA.
-    half = torch.bfloat16 if device.type == "cuda" else torch.float32
-    reward_fn = build_reward(list(args.reward), device=device, dtype=half, paths=list(args.reward_path))
+
+
+def load_policy(args: Args, device, inference_dtype):
+    """The model, its trained transformer (fp32 master weights, or a LoRA adapter on a frozen base in
+    `inference_dtype`), the frozen reference of the KL term (None without --beta) and the trained parameters;
+    sharded per block under torchrun unless LoRA. The same weights on every rank, from --seed."""
     torch.manual_seed(args.seed)  # identical weights on every rank (also true of a loaded checkpoint)
     size = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
-    model = load_model(args.model, device=device, dtype=half, **size)
-    # fp32 master weights; on CUDA the forward runs in bf16 under autocast. LoRA: a frozen base in `half`.
+    model = load_model(args.model, device=device, dtype=inference_dtype, **size)
     policy = model.transformer if args.lora_rank else model.transformer.float().requires_grad_(True)
     if args.lora_rank:
         lora.add_lora(policy, args.lora_rank, args.lora_alpha, args.lora_targets)
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    ref = None  # the frozen reference of the KL term; a LoRA run's is its own base, the adapter off
+    ref = None  # a LoRA run's reference is its own base, the adapter off
     if args.beta > 0:
         ref = lora.AdapterOff(policy) if args.lora_rank else deepcopy(policy).requires_grad_(False).eval()
     if dist.is_initialized() and not args.lora_rank:  # LoRA: every rank holds the whole frozen base
@@ -325,25 +304,93 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
         if ref is not None:
             shard(ref, device)
     params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: all, or the adapter's
-    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(params, **adamw)
-    learner = Learner(model, ref, args)
-    start = resume(policy, optimizer, args, rank) if args.resume else 0
-    logger = Logger(args if rank == 0 else None, start)
+    return model, policy, ref, params
+
+
+def print_settings(args: Args, world: int, params, objective_lines, start: int):
+    """The derived totals and the effective policy, once, as the run starts (rank 0)."""
     B, G, accumulation = args.prompts_per_rank, args.num_generations, args.gradient_accumulation_steps
-    print0(f"trajectories per iteration: {world} ranks x {B} prompts x {G} images = {world * n_local}")
-    print0(f"optimizer steps per iteration: {n_local // accumulation} (of {accumulation} trajectories each)")
+    print0(f"trajectories per iteration: {world} ranks x {B} prompts x {G} images = {world * B * G}")
+    print0(f"optimizer steps per iteration: {B * G // accumulation} (of {accumulation} trajectories each)")
     print0(f"trained parameters: {sum(p.numel() for p in params):,} ({'LoRA' if args.lora_rank else 'all'})")
-    print0("\n".join(totals))
+    print0("\n".join(objective_lines))
     print0(f"policy: {args.sde_mode} SDE, eta {args.eta:g}, clip {args.clip_range:g}, {args.schedule} sigmas")
     print0(f"starting at iteration {start} of {args.num_iterations}")
 
-    sampling = dict(num_steps=args.num_steps, shift=args.shift, mode=args.sde_mode, eta=args.eta)
-    sampling |= dict(batch_size=args.rollout_batch_size, progress=rank == 0)
-    if args.schedule == "pipeline":
-        sampling["sigmas"] = pipeline_sigmas(model, args.num_steps)
+
+def clip_gradients(params, args: Args):
+    """Average a LoRA run's gradients over ranks (FSDP averages a full run's), clip them to --max-grad-norm,
+    and return their global norm, the same on every rank."""
+    if args.lora_rank and dist.is_initialized():
+        lora.average_gradients(params)
+    norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
+
+
+class NonFiniteGuard:
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (the weights stay as they were);
+    --max-skipped-steps of them in a row stop the run, naming the last good checkpoint."""
+
+    def __init__(self, args: Args):
+        self.limit, self.output_dir, self.in_a_row = args.max_skipped_steps, args.output_dir, 0
+
+    def skip(self, norm, iteration: int) -> bool:
+        if torch.isfinite(norm):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            last = checkpoints(self.output_dir)
+            raise UsageError(
+                f"iteration {iteration}: {self.in_a_row} optimizer steps in a row had a non-finite loss or "
+                f"gradient norm; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
+            )
+        return True
+
+
+def print_progress(metrics, args: Args):
+    """Rank 0's line per iteration, and a warning when the first optimizer step's ratios are not ~1."""
+    if metrics["ratio_first"] > args.clip_range / 10:  # e.g. bf16 kernels that depend on the batch size
+        print0(
+            f"warning: ratio_first {metrics['ratio_first']:.1e} is over a tenth of the clip range; the "
+            f"rollout and training forwards disagree (try --train-batch-size {args.rollout_batch_size})"
+        )
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        m = metrics
+        tqdm.write(
+            f"it {m['iteration']}: reward {m['reward']:.4f} ratio_first {m['ratio_first']:.1e} "
+            f"clip_frac {m['clip_frac']:.3f} ({m['time/iteration']:.1f}s)"
+        )
+
+
+def main(args: Args, objective=step_objective, describe=describe_steps):
+    """The GRPO loop. `objective(learner, traj, adv, kept, rows, scale, generator) -> (ratios, counts)` does
+    the forward/backward of one optimizer step's trajectories; train_chunk.py passes its chunk-level one."""
+    args = mode_defaults(args)  # eta and clip_range follow --sde-mode unless given
+    check_batch(args)
+    objective_lines = describe(args, args.num_steps - 1)  # validates the objective's flags before any load
+    device, rank, world = setup_distributed(args)
+    check_output_dir(args)  # a used or unwritable --output-dir is refused before anything is written
+    prompts = PromptSource(args.prompts, toy_split="train")
+    outside = None if prompts.is_toy else outside_toy_grammar(prompts.lines)
+    if "toy" in [spec.partition(":")[0] for spec in args.reward] and outside is not None:
+        raise UsageError(f"the toy reward scores toy-grammar prompts; {args.prompts} has {outside[:80]!r}")
+    # Inference-only parts (rollouts, rewards, the reference) run in bf16 on CUDA.
+    inference_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    paths = list(args.reward_path)
+    reward_fn = build_reward(list(args.reward), device=device, dtype=inference_dtype, paths=paths)
+    model, policy, ref, params = load_policy(args, device, inference_dtype)
+    adamw = dict(lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, **adamw)
+    learner, guard = Learner(model, ref, args), NonFiniteGuard(args)
+    start = resume(policy, optimizer, args, rank) if args.resume else 0
+    logger = Logger(args if rank == 0 else None, start)
+    print_settings(args, world, params, objective_lines, start)
+    B, G, accumulation = args.prompts_per_rank, args.num_generations, args.gradient_accumulation_steps
+    sampling = sampling_settings(args, model) | dict(batch_size=args.rollout_batch_size, progress=rank == 0)
+    shaping = dict(adv_std=args.adv_std, slas_gamma=args.slas_gamma, adv_clip_max=args.adv_clip_max)
+
     bar = dict(desc="iterations", disable=rank != 0, initial=start, total=args.num_iterations)
-    in_a_row = 0  # optimizer steps skipped in a row
     for it in tqdm(range(start, args.num_iterations), **bar):
         t0 = time.perf_counter()
         # Prompts: one global draw per iteration, sliced per rank, so ranks never share a prompt; every
@@ -358,88 +405,42 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
         with torch.no_grad():
             rewards, components = reward_fn(traj.images, traj.prompts)  # (N,), {name: (N,)}
         rewards = rewards.to(device).float()
-        shaping = dict(adv_std=args.adv_std, slas_gamma=args.slas_gamma, adv_clip_max=args.adv_clip_max)
         adv, frac_zero = compute_advantages(rewards, traj.group, **shaping)  # (N,)
-        learner.kept = torch.isfinite(rewards).float()  # (N,) a non-finite reward drops its trajectory
+        kept = torch.isfinite(rewards).float()  # (N,) a non-finite reward drops its trajectory
         t2 = time.perf_counter()
 
         policy.train()
-        gen = torch.Generator().manual_seed(
-            seed_for(args.seed, it, rank, 1)
-        )  # which trajectories/steps to train
-        order = torch.randperm(n_local, generator=gen).to(device)
-        ratios, norms, counts, skipped = [], [], {}, 0
-        for rows in order.split(accumulation):
-            scale = 1.0 / max(int(learner.kept[rows].sum()), 1)  # the mean over the trajectories kept
-            ratio, extra = objective(learner, traj, adv, rows, scale, gen)
+        gen = torch.Generator().manual_seed(seed_for(args.seed, it, rank, 1))  # which trajectories/steps
+        order = torch.randperm(B * G, generator=gen).to(device)
+        ratios, norms, counts = [], [], Counter()
+        for rows in order.split(accumulation):  # one optimizer step per `accumulation` trajectories
+            scale = 1.0 / max(int(kept[rows].sum()), 1)  # the mean over the trajectories kept
+            ratio, unit_counts = objective(learner, traj, adv, kept, rows, scale, gen)
             ratios.append(ratio)
-            if args.lora_rank and dist.is_initialized():  # FSDP averages a full run's gradients
-                lora.average_gradients(params)
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2, the same on every rank
-                norm = norm.full_tensor()
-            if not torch.isfinite(norm):  # a non-finite loss or gradient: skip the step, keep the weights
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                in_a_row += 1
-                if in_a_row >= args.max_skipped_steps:
-                    last = checkpoints(args.output_dir)
-                    raise UsageError(
-                        f"iteration {it + 1}: {in_a_row} optimizer steps in a row had a non-finite loss or "
-                        f"gradient norm; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
-                    )
-                continue
-            in_a_row = 0
-            norms.append(norm)
-            optimizer.step()
+            norm = clip_gradients(params, args)
+            if not guard.skip(norm, it + 1):
+                optimizer.step()
+                norms.append(norm)
+                counts.update(unit_counts)
             optimizer.zero_grad(set_to_none=True)
-            for name, count in extra.items():
-                counts[name] = counts.get(name, 0) + count
         t3 = time.perf_counter()
 
-        # Metrics over every rank's trajectories (their finite rewards), logged by rank 0.
-        all_rewards = gather(rewards)  # (world * N,)
-        finite = all_rewards[torch.isfinite(all_rewards)]
-        metrics = {"iteration": it + 1, "reward": finite.mean().item(), "reward_std": finite.std().item()}
-        metrics["reward_nonfinite"] = len(all_rewards) - len(finite)
-        for name, values in components.items():
-            part = gather(values.to(device).float())
-            metrics[f"reward/{name}"] = part[torch.isfinite(part)].mean().item()
-        metrics |= ratio_metrics(gather(torch.cat(ratios).float()), args.clip_range)
-        # ratio_first: max |ratio - 1| of the first optimizer step, scored before any update: must be ~0.
-        metrics["ratio_first"] = gather((ratios[0] - 1).abs().max().view(1)).max().item()
-        if metrics["ratio_first"] > args.clip_range / 10:  # e.g. bf16 kernels that depend on the batch size
-            print0(
-                f"warning: ratio_first {metrics['ratio_first']:.1e} is over a tenth of the clip range; the "
-                f"rollout and training forwards disagree (try --train-batch-size {args.rollout_batch_size})"
-            )
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        metrics["skipped_steps"] = skipped  # the same on every rank: the gradient norm is global
+        shared = {"lr": optimizer.param_groups[0]["lr"], "skipped_steps": len(ratios) - len(norms)}
         grad_norm = torch.stack(norms).mean().item() if norms else math.nan
-        means = {"frac_reward_zero_std": frac_zero, "grad_norm": grad_norm}
-        means |= {"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/train": t3 - t2}
-        means["time/iteration"] = t3 - t0
-        metrics |= reduce_mean(means, device)
-        metrics["num_trajectories"] = len(all_rewards)
-        for name, mean in reduce_mean(counts, device).items():  # counts: summed over ranks
-            metrics[name] = mean * world
+        means = {"frac_reward_zero_std": frac_zero, "grad_norm": grad_norm, "time/rollout": t1 - t0}
+        means |= {"time/reward": t2 - t1, "time/train": t3 - t2, "time/iteration": t3 - t0}
+        metrics = iteration_metrics(
+            it + 1, rewards, components, ratios, args.clip_range, shared, means, counts
+        )
         logger.log(metrics)
-        if rank == 0:
-            tqdm.write(
-                f"it {it + 1}: reward {metrics['reward']:.4f} ratio_first {metrics['ratio_first']:.1e} "
-                f"clip_frac {metrics['clip_frac']:.3f} ({metrics['time/iteration']:.1f}s)"
-            )
+        print_progress(metrics, args)
         if rank == 0 and args.image_every and (it + 1) % args.image_every == 0:
             path = Path(args.output_dir, "samples", f"iter_{it + 1:05d}.png")
             save_samples(traj, rewards, path, cols=G, scale=4 if model.kind == "toy" else 1)
-        if (it + 1) % args.checkpoint_every == 0 or it + 1 == args.num_iterations:
+        if checkpoint_due(it + 1, args):
             save_checkpoint(policy, optimizer, args, it + 1, rank)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def parse_args(argv=None) -> Args:
-    return cli(Args, PRESETS, argv)
 
 
 if __name__ == "__main__":

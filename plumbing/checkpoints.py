@@ -33,9 +33,9 @@ import torch.distributed.checkpoint.state_dict as dsd
 from plumbing import lora
 from plumbing.runtime import UsageError, gather_objects, print0, writable_dir
 
-# The flags that define a run, with the chunk flags (CHUNK_FIELDS); all others may change on --resume: run
-# length, logging, memory (batch sizes, device) and the optimizer, whose lr, betas and weight decay from the
-# command line replace the restored ones.
+# The flags that define a run, with the chunk flags (chunk_* and num_chunks, found by name in
+# load_checkpoint); all others may change on --resume: run length, logging, memory (batch sizes, device) and
+# the optimizer, whose lr, betas and weight decay from the command line replace the restored ones.
 RUN_FIELDS = (
     "model prompts reward height width guidance_scale num_steps shift sde_mode eta prompts_per_rank "
     "num_generations init_same_noise timestep_fraction seed lora_rank lora_alpha lora_targets"
@@ -45,6 +45,11 @@ OPTIMIZER_FIELDS = ("learning_rate", "adam_betas", "weight_decay")
 
 class Unreadable(Exception):
     """A checkpoint with a missing, truncated or foreign file: resume skips it for the one before."""
+
+
+def checkpoint_due(iteration: int, args) -> bool:
+    """Whether a run saves a checkpoint after `iteration`: every --checkpoint-every, and the last one."""
+    return iteration % args.checkpoint_every == 0 or iteration == args.num_iterations
 
 
 def checkpoints(output_dir):
@@ -82,21 +87,21 @@ def output_dir_problem(out: Path, resume: bool) -> str | None:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def plain(value):
+def loadable(value):
     """A value of args as weights_only can load it: str, int, float, bool, None, tuples of them (else str)."""
     if isinstance(value, list | tuple):
-        return tuple(plain(v) for v in value)
+        return tuple(loadable(v) for v in value)
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
 
 
-def local(p):
+def local_part(p):
     """This rank's part of a parameter: its shard under FSDP2 (a DTensor), else the tensor itself."""
     return p.to_local() if hasattr(p, "to_local") else p
 
 
-def quiet(dcp_call, state_dict, folder):
+def without_single_process_warning(dcp_call, state_dict, folder):
     """dcp.save or dcp.load; in one process (no process group) dcp works alone, but warns so on every call."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -108,7 +113,7 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
     every rank's RNG state, the iteration and the args. Every rank writes its shard of the optimizer into a
     temporary folder that rank 0 then renames, so the newest checkpoint is never half-written."""
     # Collective, like the gathering below: every rank checks its own shards.
-    ok = all(torch.isfinite(local(p)).all() for p in policy.parameters())
+    ok = all(torch.isfinite(local_part(p)).all() for p in policy.parameters())
     finite = torch.tensor([float(ok)], device=next(policy.parameters()).device)  # nccl reduces CUDA tensors
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -127,11 +132,13 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
     if adapter and dist.is_initialized():
         lora.check_same_on_ranks([p for p in policy.parameters() if p.requires_grad])
     if not adapter:
-        quiet(dcp.save, {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}, tmp / "optimizer")
+        without_single_process_warning(
+            dcp.save, {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}, tmp / "optimizer"
+        )
         save_weights(policy, tmp / "transformer", rank)
     rng_states = gather_objects(torch.get_rng_state())  # one per rank: each draws its own prompts' noise
     if rank == 0:
-        run_args = {k: plain(v) for k, v in asdict(args).items()}
+        run_args = {k: loadable(v) for k, v in asdict(args).items()}
         trainer = {"rng": rng_states, "iteration": iteration, "args": run_args}
         if adapter:
             lora.save_adapter(policy, tmp / "lora")
@@ -253,7 +260,7 @@ def newest_readable(found):
     return chosen
 
 
-def shown(value) -> str:
+def as_typed(value) -> str:
     """A flag's value as it is typed on the command line."""
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -265,7 +272,7 @@ def changed_flags(saved: dict, now: dict, fields) -> list[str]:
     for f in fields:
         old, new = saved.get(f, absent), now.get(f, absent)
         if old != new:
-            out.append(f"--{f.replace('_', '-')} {shown(old)} -> {shown(new)}")
+            out.append(f"--{f.replace('_', '-')} {as_typed(old)} -> {as_typed(new)}")
     return out
 
 
@@ -288,7 +295,7 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
     """Restore a checkpoint (path, weights, trainer state) after checking that it belongs to this run; the
     optimizer then takes --learning-rate, --adam-betas and --weight-decay from args. The iteration."""
     path, model_sd, state = checkpoint
-    now = {k: plain(v) for k, v in asdict(args).items()}
+    now = {k: loadable(v) for k, v in asdict(args).items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     chunk_fields = sorted(f for f in {**state["args"], **now} if f.startswith("chunk_") or f == "num_chunks")
     saved = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), **state["args"]}  # saved before LoRA
@@ -319,7 +326,7 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
         else:
             # This rank's shards as they are now (a fresh AdamW: zeros): dcp reads the saved values into them.
             sharded = {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}
-            quiet(dcp.load, sharded, path / "optimizer")
+            without_single_process_warning(dcp.load, sharded, path / "optimizer")
             dsd.set_optimizer_state_dict(policy, optimizer, sharded["optimizer"])
     torch.set_rng_state(state["rng"][rank])
     for group in optimizer.param_groups:

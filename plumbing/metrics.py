@@ -1,8 +1,8 @@
 """
-metrics.jsonl, a run's log: one JSON object per iteration, appended by rank 0 (and mirrored to wandb with
---wandb). A resumed run keeps the rows up to the iteration it resumes from and redoes the rest; a partial last
-line (the run was killed mid-write) is dropped with a warning. Of the project it imports only
-plumbing/runtime.py.
+A training run's metrics: one row per iteration, computed over every rank's trajectories, and metrics.jsonl,
+the run's log of them, appended by rank 0 (and mirrored to wandb with --wandb). A resumed run keeps the rows
+up to the iteration it resumes from and redoes the rest; a partial last line (the run was killed mid-write) is
+dropped with a warning. Of the project it imports only plumbing/runtime.py.
 """
 
 import json
@@ -11,10 +11,48 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from plumbing.runtime import UsageError
+import torch
+import torch.distributed as dist
+
+from plumbing.runtime import UsageError, gather, reduce_mean
 
 
-def metrics_iteration(line: str):
+def ratio_metrics(ratio, clip_range):
+    """Statistics of the importance ratios (M,) of every trained unit (step or chunk) of an iteration."""
+    return {
+        "ratio": ratio.mean().item(),
+        "ratio_min": ratio.min().item(),
+        "ratio_max": ratio.max().item(),
+        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+        "approx_kl": 0.5 * ratio.log().square().mean().item(),  # 0.5 E[(log r)^2], how far the policy moved
+    }
+
+
+def iteration_metrics(iteration, rewards, components, ratios, clip_range, shared, means, counts) -> dict:
+    """One row of metrics.jsonl; every rank calls it (it gathers). `rewards` (N,) and `components`
+    {name: (N,)} of this rank's trajectories (only finite values are averaged), `ratios` the list of each
+    optimizer step's unit ratios, `shared` values equal on every rank, `means` averaged over ranks, `counts`
+    summed over them.
+    ratio_first: max |ratio - 1| of each rank's first optimizer step, scored before any update: must be ~0."""
+    device = rewards.device
+    all_rewards = gather(rewards)  # (world * N,)
+    finite = all_rewards[torch.isfinite(all_rewards)]
+    metrics = {"iteration": iteration, "reward": finite.mean().item(), "reward_std": finite.std().item()}
+    metrics["reward_nonfinite"] = len(all_rewards) - len(finite)
+    for name, values in components.items():
+        part = gather(values.to(device).float())
+        metrics[f"reward/{name}"] = part[torch.isfinite(part)].mean().item()
+    metrics |= ratio_metrics(gather(torch.cat(ratios).float()), clip_range)
+    metrics["ratio_first"] = gather((ratios[0] - 1).abs().max().view(1)).max().item()
+    metrics |= shared | reduce_mean(means, device)
+    metrics["num_trajectories"] = len(all_rewards)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for name, mean in reduce_mean(counts, device).items():  # a sum over ranks: the mean times world
+        metrics[name] = mean * world
+    return metrics
+
+
+def row_iteration(line: str):
     """The iteration of a line of metrics.jsonl, or None if the line is not a metrics row."""
     try:
         row = json.loads(line)
@@ -29,7 +67,7 @@ def read_metrics(path: Path) -> list[tuple[int, str]]:
     lines = [
         (n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()
     ]
-    rows = [(metrics_iteration(line), line) for _, line in lines]
+    rows = [(row_iteration(line), line) for _, line in lines]
     bad = [i for i, (it, _) in enumerate(rows) if not isinstance(it, int)]
     if bad and bad[0] < len(rows) - 1:
         raise UsageError(

@@ -56,9 +56,10 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-# ----------------------------------------------------------------------------- flags The values the numeric
-# flags of every script accept; `check_flags` tests the ones a script's Args has, right after parsing, so that
-# a bad value ends with one line before anything loads. A tuple flag is checked per item.
+# ----------------------------------------------------------------------------- flags
+# The values the numeric flags of every script accept; `check_flags` tests the ones a script's Args has,
+# right after parsing, so that a bad value ends with one line before anything loads. A tuple flag is checked
+# per item.
 FLAG_RULES = {
     "> 0": ("learning_rate", "lr", "eta", "clip_range", "adv_clip_max", "max_grad_norm", "shift", "timeout")
     + ("lora_alpha",),
@@ -72,6 +73,7 @@ FLAG_RULES = {
         "rollout_batch_size",
         "train_batch_size",
         "num_iterations",
+        "iterations",
         "gradient_accumulation_steps",
         "checkpoint_every",
         "num_prompts",
@@ -90,7 +92,7 @@ FLAG_RULES = {
 }
 
 
-def obeys(value, rule: str) -> bool:
+def satisfies(value, rule: str) -> bool:
     """Whether one value satisfies one of FLAG_RULES's rules (NaN and infinity never do)."""
     if not math.isfinite(value):
         return False
@@ -114,9 +116,9 @@ def check_flags(args):
         for name in names:
             value = getattr(args, name, None)
             items = value if isinstance(value, tuple) else (value,)
-            if any(v is not None and not obeys(v, rule) for v in items):
-                shown = " ".join(map(str, items))
-                raise UsageError(f"--{name.replace('_', '-')} {shown}: must be {rule}")
+            if any(v is not None and not satisfies(v, rule) for v in items):
+                typed = " ".join(map(str, items))
+                raise UsageError(f"--{name.replace('_', '-')} {typed}: must be {rule}")
     if getattr(args, "lora_rank", None) == 0 and (args.lora_alpha is not None or args.lora_targets):
         raise UsageError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (R > 0)")
     device = getattr(args, "device", "cpu")

@@ -15,17 +15,6 @@ from plumbing import toy
 from plumbing.runtime import image_grid, print0
 
 
-def ratio_metrics(ratio, clip_range):
-    """Statistics of the importance ratios (M,) of every trained unit (step or chunk) of an iteration."""
-    return {
-        "ratio": ratio.mean().item(),
-        "ratio_min": ratio.min().item(),
-        "ratio_max": ratio.max().item(),
-        "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-        "approx_kl": 0.5 * ratio.log().square().mean().item(),  # 0.5 E[(log r)^2], how far the policy moved
-    }
-
-
 def save_samples(traj, rewards, path, cols, scale):
     """A grid of the first 16 trajectories' images, captioned with reward and prompt."""
     captions = [f"{r:.2f} {p}" for r, p in zip(rewards[:16].tolist(), traj.prompts[:16], strict=True)]

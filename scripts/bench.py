@@ -37,9 +37,8 @@ import train_chunk
 from plumbing import lora, recipes
 from plumbing.models import FlowModel, flux_velocity, latent_flow_model, toy_latents_to_images
 from plumbing.runtime import UsageError, autocast, print0, run, seed_for, setup_distributed, shard
-from sampler import rollout
-from train_chunk import describe_chunks
-from train_grpo import Learner, compute_advantages, describe_steps, mode_defaults, step_objective
+from sampler import mode_defaults, rollout, sampling_settings
+from train_grpo import Learner, clip_gradients, compute_advantages, describe_steps, step_objective
 
 # The transformers. FLUX.1-dev: black-forest-labs/FLUX.1-dev transformer/config.json. SD3.5-M:
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json, as copied into public test code (two
@@ -117,33 +116,40 @@ class Args:
     """cuda, cpu or auto (auto refuses flux-dev and sd35-medium on a CPU; --device cpu runs them anyway)"""
 
 
-def build(size: Size, cls, t, device, half) -> FlowModel:
+def build(size: Size, cls, t, device, dtype) -> FlowModel:
     """The FlowModel of a size: random weights and random prompt embeddings behind the model adapters."""
     with torch.device(device):  # initialised where it runs (a 12B init on a CPU takes minutes)
-        transformer = cls(**size.transformer)  # fp32 master weights; a LoRA's frozen base in `half`
+        transformer = cls(**size.transformer)  # fp32 master weights; a LoRA's frozen base in `dtype`
         vae = None if size.vae is None else AutoencoderKL(**size.vae).eval().requires_grad_(False)
-    if half != torch.float32 and vae is not None:
-        vae = vae.to(half)
-    if half != torch.float32 and t.lora_rank:
-        transformer = transformer.to(half)
+    if dtype != torch.float32 and vae is not None:
+        vae = vae.to(dtype)
+    if dtype != torch.float32 and t.lora_rank:
+        transformer = transformer.to(dtype)
     tokens, width, pooled = size.text
     shapes = {"prompt_embeds": (tokens, width), "pooled_prompt_embeds": (pooled,)}
     if size.family == "sd3" and t.guidance_scale > 1:  # classifier-free guidance: the negative prompt's too
         shapes |= {"negative_" + k: shape for k, shape in shapes.items()}
 
     def encode_prompts(prompts):  # in place of T5 and CLIP: random embeddings of their shapes, no cost
-        return {k: torch.randn((len(prompts), *s), device=device, dtype=half) for k, s in shapes.items()}
+        return {k: torch.randn((len(prompts), *s), device=device, dtype=dtype) for k, s in shapes.items()}
 
     if size.family == "toy":  # models.toy_flow_model's: 64 tokens of 4x4 pixels, no VAE
-        velocity = flux_velocity(16, 16, guidance=None, quantize_timestep=True, device=device, dtype=half)
+        velocity = flux_velocity(16, 16, guidance=None, quantize_timestep=True, device=device, dtype=dtype)
         return FlowModel(
-            "toy", transformer, velocity, encode_prompts, toy_latents_to_images, (64, 48), device, half
+            "toy",
+            transformer,
+            velocity,
+            encode_prompts,
+            toy_latents_to_images,
+            (64, 48),
+            device,
+            dtype,
         )
     guidance = t.guidance_scale  # SD3's CFG scale, or FLUX's distilled guidance where it has the embedding
     if size.family == "flux" and not size.transformer.get("guidance_embeds"):
         guidance = None
     parts = (transformer, vae, encode_prompts, t.height, t.width, guidance)
-    return latent_flow_model(size.family, *parts, device=device, dtype=half)
+    return latent_flow_model(size.family, *parts, device=device, dtype=dtype)
 
 
 def clock(fn, device):
@@ -213,9 +219,7 @@ def iteration(it, learner, objective, optimizer, params, meter, sampling, floors
         return result
 
     def optimizer_step():  # what train_grpo.main does after each objective call
-        if t.lora_rank and dist.is_initialized():
-            lora.average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        clip_gradients(params, t)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -223,7 +227,7 @@ def iteration(it, learner, objective, optimizer, params, meter, sampling, floors
         policy.train()
         gen, ratios, out["optimizer"] = torch.Generator().manual_seed(seed_for(*keys, 1)), [], 0.0
         for rows in torch.randperm(N, generator=gen).to(device).split(t.gradient_accumulation_steps):
-            ratios.append(objective(learner, traj, adv, rows, 1.0 / len(rows), gen)[0])
+            ratios.append(objective(learner, traj, adv, kept, rows, 1.0 / len(rows), gen)[0])
             out["optimizer"] += clock(optimizer_step, device)[1]
         return ratios
 
@@ -239,7 +243,7 @@ def iteration(it, learner, objective, optimizer, params, meter, sampling, floors
     rewards = torch.randn(N, generator=torch.Generator().manual_seed(seed_for(*keys, 2)))  # no reward model
     shaping = dict(adv_std=t.adv_std, slas_gamma=t.slas_gamma, adv_clip_max=t.adv_clip_max)
     adv = phase("reward", lambda: compute_advantages(rewards.to(device), traj.group, **shaping)[0])  # (N,)
-    learner.kept = torch.ones(N, device=device)
+    kept = torch.ones(N, device=device)  # random rewards: every trajectory kept
     ratios = phase("train", train)
     if floors:
         rows = torch.tensor(out["rows"], device=device)  # as many on every rank: FSDP gathers in lockstep
@@ -274,8 +278,6 @@ def table(results, N, t, flops, peak):
 
 
 def main(args: Args):
-    if args.iterations < 1:
-        raise UsageError(f"--iterations {args.iterations}: must be >= 1")
     size, names = MODELS[args.model], {f.name for f in fields(train_chunk.ChunkArgs)} - {"model"}
     given = {k: v for k, v in vars(args).items() if k in names and v not in (None, ())}  # over the recipe
     t = mode_defaults(replace(train_chunk.ChunkArgs(), **(size.recipe | given)))  # the trainers' Args
@@ -288,11 +290,11 @@ def main(args: Args):
             f"--model {args.model} is a {count / 1e9:.2f}B-parameter transformer ({count / 2.5e8:.0f} GB in "
             f"fp32) and this machine has no GPU; --device cpu runs it anyway (minutes per forward)"
         )
-    half = torch.bfloat16 if device.type == "cuda" else torch.float32  # the trainers': bf16 on CUDA
+    inference_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the trainers
     torch.manual_seed(0)
-    model = build(size, cls, t, device, half)
+    model = build(size, cls, t, device, inference_dtype)
     policy, ref, meter = model.transformer, None, {}
-    if t.lora_rank:  # as train_grpo.main: a frozen base in `half`, an fp32 adapter
+    if t.lora_rank:  # as train_grpo.main: a frozen base in `inference_dtype`, an fp32 adapter
         lora.add_lora(policy, t.lora_rank, t.lora_alpha, t.lora_targets)
     if t.beta > 0:
         ref = lora.AdapterOff(policy) if t.lora_rank else deepcopy(policy).requires_grad_(False).eval()
@@ -308,7 +310,7 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
     if args.objective == "chunk":
         objective = partial(train_chunk.chunk_objective, sizes=train_chunk.layout(t))
-        describe = describe_chunks
+        describe = train_chunk.describe_chunks
     model.velocity = counted(model.velocity, meter)
     peak, where = args.peak_tflops, f"cpu (threads: {torch.get_num_threads()})"
     if device.type == "cuda":
@@ -320,13 +322,14 @@ def main(args: Args):
     N, trained = t.prompts_per_rank * t.num_generations, sum(p.numel() for p in params)  # DTensors: in full
     print0(f"bench {args.model}: {trained:,} parameters trained, {precision}; {where} x {world}")
     shape = f"{t.prompts_per_rank} prompts x {t.num_generations} images a rank, {t.num_steps} steps"
-    print0(f"{shape}, {t.height}x{t.width} px, batches of {t.rollout_batch_size} (rollout), ", end="")
-    print0(f"{t.train_batch_size} (train)")
+    batches = f"batches of {t.rollout_batch_size} (rollout), {t.train_batch_size} (train)"
+    print0(f"{shape}, {t.height}x{t.width} px, {batches}")
     print0("\n".join(describe(t, t.num_steps - 1)))
     print0(f"FLOPs: {flops[0] / 1e9:.4g} G per sampled row, {flops[1] / 1e9:.4g} G per trained transition")
-    sampling = dict(num_generations=t.num_generations, num_steps=t.num_steps, shift=t.shift, mode=t.sde_mode)
-    sampling |= dict(eta=t.eta, init_same_noise=t.init_same_noise, batch_size=t.rollout_batch_size)
-    results = []  # the schedule's values do not change the cost: the shift schedule for every model
+    # The schedule's values do not change the cost: the shift schedule for every model.
+    sampling = sampling_settings(replace(t, schedule="shift"), model) | dict(batch_size=t.rollout_batch_size)
+    sampling |= dict(num_generations=t.num_generations, init_same_noise=t.init_same_noise)
+    results = []
     for it in range(1 + args.iterations):  # one untimed warmup iteration first (first calls, the allocator)
         results.append(iteration(it, learner, objective, optimizer, params, meter, sampling, floors=it > 0))
     ratio_first = torch.tensor(max(r.pop("ratio_first") for r in results), device=device)

@@ -21,7 +21,7 @@ import tyro
 from plumbing import toy
 from plumbing.models import load_model
 from rewards import build_reward
-from sampler import rollout
+from sampler import mode_defaults, rollout
 from train_grpo import Args as TrainArgs
 from train_grpo import Learner, compute_advantages, step_loss
 
@@ -60,7 +60,7 @@ def main(args: Args):
     model = load_model("toy")
     reward_fn = build_reward(["toy"])
     train = TrainArgs(sde_mode=args.sde_mode, eta=args.eta, clip_range=1e-3, train_batch_size=64)
-    learner = Learner(model, None, train)
+    learner = Learner(model, None, mode_defaults(train))
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     per_step, rewards = [], []  # K x (T, P) gradients, K mean rewards
     for k in range(args.batches):
@@ -79,10 +79,11 @@ def main(args: Args):
         r, _ = reward_fn(traj.images, traj.prompts)
         adv, _ = compute_advantages(r.float(), traj.group)
         rows, T = torch.arange(len(adv)), traj.log_probs.shape[1]
+        kept = torch.isfinite(r).float()  # (N,) the toy verifier's scores are always finite
         grads = []
         for t in range(T):  # each step's gradient on its own: one step, every trajectory, the mean over them
             model.transformer.zero_grad(set_to_none=True)
-            step_loss(learner, traj, adv, rows, torch.full((len(rows), 1), t), 1.0 / len(rows))
+            step_loss(learner, traj, adv, kept, rows, torch.full((len(rows), 1), t), 1.0 / len(rows))
             grads.append(torch.cat([p.grad.flatten() for p in params]))
         per_step.append(torch.stack(grads))
         rewards.append(r.float().mean().item())
@@ -96,8 +97,8 @@ def main(args: Args):
         c = cosines([g[t] for g in per_step])
         print(f"| {t} | {traj.sigmas[t].item():.3f} | {norm:.2e} | {c:+.4f} |")
     c = cosines([g.sum(0) for g in per_step])
-    half = f"~{N * (1 - c) / c:.0f} trajectories" if c > 0 else "not estimable (cosine <= 0)"
-    print(f"\nall steps: mean cosine {c:+.4f}; batch for a cosine of 1/2: {half}")
+    needed = f"~{N * (1 - c) / c:.0f} trajectories" if c > 0 else "not estimable (cosine <= 0)"
+    print(f"\nall steps: mean cosine {c:+.4f}; batch for a cosine of 1/2: {needed}")
 
 
 if __name__ == "__main__":

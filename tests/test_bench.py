@@ -15,8 +15,8 @@ import train_chunk
 from chunking import num_selected
 from plumbing import recipes
 from plumbing.runtime import UsageError
+from sampler import mode_defaults
 from scripts import bench
-from train_grpo import mode_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

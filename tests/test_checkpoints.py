@@ -17,7 +17,7 @@ import train_grpo
 from plumbing.checkpoints import (
     check_output_dir,
     checkpoints,
-    plain,
+    loadable,
     read_checkpoint,
     read_weights,
     resume,
@@ -171,7 +171,7 @@ def test_trainer_pt_loads_with_weights_only(tmp_path):
     )  # tuples (reward, betas, chunk sizes), None, Literals
     train_and_save(args, iterations=1)
     state = torch.load(tmp_path / "checkpoints" / "iter_00001" / "trainer.pt", weights_only=True)
-    assert state["args"] == {k: plain(v) for k, v in asdict(args).items()} and state["iteration"] == 1
+    assert state["args"] == {k: loadable(v) for k, v in asdict(args).items()} and state["iteration"] == 1
     assert state["args"]["adam_betas"] == (0.9, 0.999) and len(state["rng"]) == 1
     assert "optimizer" not in state  # AdamW's moments are in optimizer/, sharded
 

@@ -20,16 +20,15 @@ from chunking import (
     chunk_means,
     curve,
     curve_stats,
-    fixed,
     l1rel,
     main,
     make_layout,
-    num_selected,
     select_chunks,
     uniform,
     validate,
 )
 from plumbing.runtime import UsageError
+from sampler import num_selected
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +70,7 @@ def test_curve_stats_separate_the_prompt_from_the_noise():
 
 # ----------------------------------------------------------------------------- layouts
 def test_fixed_and_uniform():
-    assert fixed([2, 3, 4, 7], 16) == [2, 3, 4, 7]
+    assert validate([2, 3, 4, 7], 16) == [2, 3, 4, 7]
     assert uniform(4, 16) == [4, 4, 4, 4]
     assert uniform(5, 16) == [5, 5, 5, 1]  # shorter last chunk
     assert uniform(1, 3) == [1, 1, 1]  # step level
@@ -157,7 +156,7 @@ def test_chunk_helpers():
         (lambda: validate([2, 3, 4], 16), "sum to 9 but there are 16"),
         (lambda: validate([2, 0, 14], 16), "positive"),
         (lambda: validate([4, -1, 13], 16), "positive"),
-        (lambda: fixed([2, 3, 4, 7], 17), "sum to 16 but there are 17"),
+        (lambda: validate([2, 3, 4, 7], 17), "sum to 16 but there are 17"),
         (lambda: uniform(0, 16), "positive"),
         (lambda: make_layout("bogus", 16), "unknown chunk layout 'bogus'"),
         (lambda: make_layout("fixed", 16), "needs its chunk sizes"),

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval import PRESETS, Args, hybrid_schedule, main, parse_args, resolve_checkpoint, sample, score_images
+from eval import PRESETS, Args, hybrid_schedule, main, resolve_checkpoint, sample, score_images
 from plumbing.models import load_model
-from plumbing.runtime import run
+from plumbing.runtime import cli, run
 from plumbing.tables_and_figures import geneval_breakdown, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def hybrid_run(tiny_flux_dir, runs, tmp_path_factory):
         str(STEPS),
         "1",
     )
-    main(parse_args(argv))
+    main(cli(Args, PRESETS, argv))
     return argv, json.loads((out / "results.json").read_text())
 
 
@@ -102,7 +102,7 @@ def test_same_model_twice_and_against_itself_in_hybrid_mode_is_identical(
     argv = flags(
         tiny_flux_dir, runs, tmp_path, "--checkpoints", f"self={runs / 'same'}", "--hybrid-steps", "1"
     )
-    main(parse_args(argv))
+    main(cli(Args, PRESETS, argv))
     results = json.loads((tmp_path / "results.json").read_text())
     base, plain, hybrid = scores_by_row(results).values()  # rows: base, self, self [hybrid 1/3]
     assert base == scores_by_row(hybrid_run[1])[str(tiny_flux_dir)]  # the base, evaluated a second time
@@ -114,7 +114,7 @@ def test_same_model_twice_and_against_itself_in_hybrid_mode_is_identical(
 def test_a_prompts_noise_does_not_depend_on_its_batch(tiny_flux_dir):
     """Image j of prompt p is the same sampled in a batch of others or alone, and changes with the seed."""
     model = load_model(tiny_flux_dir, height=32, width=32)
-    kw = dict(seed=3, num_generations=2, sde_mode="flow")
+    kw = dict(seed=3, num_generations=2, num_steps=STEPS, mode="flow", eta=0.7)
     batch = sample(model, [model.transformer] * STEPS, PROMPTS[1:], [5, 6], **kw)  # (4, 3, 32, 32)
     alone = sample(model, [model.transformer] * STEPS, PROMPTS[2:], [6], **kw)  # (2, 3, 32, 32)
     torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
@@ -187,7 +187,9 @@ def test_toy_preset_end_to_end(tmp_path):
     if not (Path(ROOT) / "assets" / "toy" / "toy_config.json").exists():
         pytest.skip("the toy bundle is not built yet (python -m scripts.pretrain_toy)")
     main(
-        parse_args(
+        cli(
+            Args,
+            PRESETS,
             [
                 "--preset",
                 "toy",
@@ -199,7 +201,7 @@ def test_toy_preset_end_to_end(tmp_path):
                 "2",
                 "--output-dir",
                 str(tmp_path),
-            ]
+            ],
         )
     )
     results = json.loads((tmp_path / "results.json").read_text())

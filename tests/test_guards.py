@@ -20,7 +20,7 @@ from plumbing.models import load_model, load_transformer
 from plumbing.prompts import PromptSource
 from plumbing.runtime import UsageError, cli
 from rewards import build_reward
-from sampler import rollout
+from sampler import mode_defaults, rollout
 from scripts import pretrain_toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,11 +100,11 @@ def test_files_the_toy_reward_cannot_score_and_folders_eval_cannot_write(tmp_pat
     prompts.write_text("a red circle\na photo of a cat on the moon\n")
     argv = TINY + ["--prompts", str(prompts), "--output-dir", str(tmp_path / "run")]
     with pytest.raises(UsageError, match="the toy reward scores toy-grammar prompts.*a photo of a cat"):
-        train_grpo.main(train_grpo.parse_args(argv))
+        train_grpo.main(cli(train_grpo.Args, train_grpo.PRESETS, argv))
     (tmp_path / "a-file").write_text("")
     argv = ["--preset", "toy", "--num-prompts", "2", "--output-dir", str(tmp_path / "a-file")]
     with pytest.raises(UsageError, match="cannot write to the output folder"):
-        eval.main(eval.parse_args(argv))
+        eval.main(cli(eval.Args, eval.PRESETS, argv))
 
 
 def test_a_checkpoint_of_another_family_is_refused(tiny_sd3_dir):
@@ -129,15 +129,17 @@ def test_a_non_finite_reward_leaves_its_group_as_if_it_were_not_there():
 def test_a_dropped_trajectory_adds_nothing_to_the_gradient():
     model = load_model("toy")
     traj = rollout(model, ["a red circle", "two blue squares"], num_generations=3, num_steps=4, seed=0)
-    args = train_grpo.parse_args(["--preset", "toy", "--train-batch-size", "2"])
+    args = mode_defaults(
+        cli(train_grpo.Args, train_grpo.PRESETS, ["--preset", "toy", "--train-batch-size", "2"])
+    )
     adv = torch.tensor([1.0, -0.5, 0.3, -1.2, 0.8, 0.4])
     steps = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 0], [1, 1], [0, 2]])
 
     def gradient(rows, kept):
-        learner = train_grpo.Learner(model, None, args, kept)
+        learner = train_grpo.Learner(model, None, args)
         model.transformer.zero_grad()
         scale = 1.0 / int(kept[rows].sum())
-        train_grpo.step_loss(learner, traj, adv, rows, steps[rows], scale)
+        train_grpo.step_loss(learner, traj, adv, kept, rows, steps[rows], scale)
         return torch.cat([p.grad.flatten() for p in model.transformer.parameters() if p.grad is not None])
 
     kept = torch.ones(6)
@@ -162,7 +164,7 @@ def nan_reward(index):
 
 def test_a_run_with_a_nan_reward_trains_on_and_logs_it(tmp_path, monkeypatch):
     monkeypatch.setattr(train_grpo, "build_reward", lambda *a, **k: nan_reward(0))
-    train_grpo.main(train_grpo.parse_args(TINY + ["--output-dir", str(tmp_path)]))
+    train_grpo.main(cli(train_grpo.Args, train_grpo.PRESETS, TINY + ["--output-dir", str(tmp_path)]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward_nonfinite"] for r in rows] == [1, 1] and all(math.isfinite(r["reward"]) for r in rows)
     assert [r["skipped_steps"] for r in rows] == [0, 0] and all(math.isfinite(r["grad_norm"]) for r in rows)
@@ -176,8 +178,8 @@ def poisoned(calls):
     """The step objective, with a NaN planted in one gradient on the optimizer steps numbered in `calls`."""
     count = [0]
 
-    def objective(learner, traj, adv, rows, scale, generator):
-        out = train_grpo.step_objective(learner, traj, adv, rows, scale, generator)
+    def objective(learner, traj, adv, kept, rows, scale, generator):
+        out = train_grpo.step_objective(learner, traj, adv, kept, rows, scale, generator)
         if count[0] in calls:
             grads = [p.grad for p in learner.model.transformer.parameters() if p.grad is not None]
             grads[0].view(-1)[0] = float("nan")
@@ -188,12 +190,14 @@ def poisoned(calls):
 
 
 def test_a_non_finite_gradient_skips_its_step_and_too_many_stop_the_run(tmp_path):
-    args = train_grpo.parse_args(TINY + ["--output-dir", str(tmp_path / "once")])
+    args = cli(train_grpo.Args, train_grpo.PRESETS, TINY + ["--output-dir", str(tmp_path / "once")])
     train_grpo.main(args, objective=poisoned({0}))
     rows = [json.loads(line) for line in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in rows] == [1, 0]
-    args = train_grpo.parse_args(
-        TINY + ["--output-dir", str(tmp_path / "always"), "--max-skipped-steps", "3"]
+    args = cli(
+        train_grpo.Args,
+        train_grpo.PRESETS,
+        TINY + ["--output-dir", str(tmp_path / "always"), "--max-skipped-steps", "3"],
     )
     with pytest.raises(UsageError, match=r"iteration 2: 3 optimizer steps in a row .* checkpoint: none"):
         train_grpo.main(args, objective=poisoned(set(range(10))))
@@ -230,7 +234,7 @@ def test_a_hung_rank_ends_the_job_after_the_timeout(tmp_path):
 def test_non_finite_weights_are_never_saved(tmp_path):
     from plumbing.checkpoints import save_checkpoint
 
-    args = train_grpo.parse_args(TINY + ["--output-dir", str(tmp_path)])
+    args = cli(train_grpo.Args, train_grpo.PRESETS, TINY + ["--output-dir", str(tmp_path)])
     policy = load_model("toy").transformer
     optimizer = torch.optim.AdamW(policy.parameters())
     with torch.no_grad():

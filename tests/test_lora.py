@@ -13,7 +13,8 @@ import torch
 
 from plumbing import lora
 from plumbing.models import load_model, load_transformer
-from plumbing.runtime import UsageError
+from plumbing.runtime import UsageError, cli
+from sampler import mode_defaults
 from test_train import TINY, check_run, metrics, train
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--beta", "0.01", "--learning-rate", "1e-3"]
@@ -64,7 +65,7 @@ def test_lora_resume_with_another_rank_is_refused(lora_run, tmp_path):
     shutil.copytree(lora_run / "checkpoints" / "iter_00002", tmp_path / "checkpoints" / "iter_00002")
     argv = [*TINY, *LORA, "--lora-rank", "8", "--output-dir", str(tmp_path), "--resume"]
     with pytest.raises(UsageError, match="--lora-rank 4 -> 8"):
-        train_grpo.main(train_grpo.parse_args(argv=argv))
+        train_grpo.main(cli(train_grpo.Args, train_grpo.PRESETS, argv))
 
 
 def test_lora_torchrun_two_ranks_end_with_one_adapter(tmp_path):
@@ -93,14 +94,14 @@ def lora_step_gradients(rank, world, init_file, out):
     model = load_model("toy")
     params = perturbed(model.transformer)  # a random B: the gradient of A is not zero
     traj = rollout(model, ["a red circle", "two blue squares"], num_generations=4, num_steps=6, seed=0)
-    args = train_grpo.parse_args(argv=[*TINY, *LORA])
+    args = mode_defaults(cli(train_grpo.Args, train_grpo.PRESETS, [*TINY, *LORA]))
     learner = train_grpo.Learner(model, lora.AdapterOff(model.transformer), args)  # with the KL term
     n = 8 // world
     rows = torch.arange(rank * n, (rank + 1) * n)  # this rank's trajectories
     steps = torch.stack(
         [torch.randperm(5, generator=torch.Generator().manual_seed(int(r)))[:2] for r in rows]
     )
-    train_grpo.step_loss(learner, traj, torch.linspace(-1.5, 1.5, 8), rows, steps, scale=1 / n)
+    train_grpo.step_loss(learner, traj, torch.linspace(-1.5, 1.5, 8), torch.ones(8), rows, steps, scale=1 / n)
     if world > 1:
         lora.average_gradients(params)
         dist.destroy_process_group()
@@ -132,7 +133,7 @@ def test_lora_bad_flags(tmp_path, flags, message):
 
     argv = [*TINY, "--output-dir", str(tmp_path), "--lora-rank", "2", *flags]
     with pytest.raises(UsageError, match=message):
-        train_grpo.main(train_grpo.parse_args(argv=argv))
+        train_grpo.main(cli(train_grpo.Args, train_grpo.PRESETS, argv))
 
 
 def perturbed(transformer, rank=4):
@@ -203,7 +204,7 @@ def test_eval_takes_a_lora_run_with_hybrid_rows(tiny_flux_dir, tmp_path):
     argv = flags(
         tiny_flux_dir, tmp_path, tmp_path / "eval", "--checkpoints", f"lora={tmp_path / 'run'}", *hybrid
     )
-    eval.main(eval.parse_args(argv))
+    eval.main(cli(eval.Args, eval.PRESETS, argv))
     rows = scores_by_row(json.loads((tmp_path / "eval" / "results.json").read_text()))
     base, trained = rows[str(tiny_flux_dir)], rows["lora"]
     assert base != trained  # base + adapter is not the base

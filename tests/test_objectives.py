@@ -5,9 +5,11 @@ import torch
 
 from chunking import chunk_bounds
 from plumbing.models import load_model
-from sampler import rollout
-from train_chunk import ChunkArgs, chunk_loss, pack
+from sampler import mode_defaults, rollout
+from train_chunk import ChunkArgs, chunk_loss, first_fit_batches
 from train_grpo import Args, Learner, compute_advantages, step_loss
+
+ALL = torch.ones(6)  # every trajectory of the batch fixture kept (none dropped for a non-finite reward)
 
 
 def test_group_advantages_are_z_scores_and_zero_variance_groups_get_zero():
@@ -68,12 +70,12 @@ def test_chunks_of_size_one_equal_the_step_objective(batch, beta, chunk_ratio, t
             p.add_(torch.randn_like(p) * 1e-3)
     ref = load_model(tiny_flux_dir, height=32, width=32).transformer if beta else None  # the un-nudged base
     args = ChunkArgs(clip_range=1e-3, beta=beta, train_batch_size=4, chunk_ratio=chunk_ratio)
-    learner = Learner(model, ref, args)
+    learner = Learner(model, ref, mode_defaults(args))
     rows = torch.tensor([0, 2, 3, 5])
     steps = torch.stack([torch.randperm(T, generator=torch.Generator().manual_seed(i))[:3] for i in range(4)])
-    step_ratio, step_grad = grads_of(model, lambda: step_loss(learner, traj, adv, rows, steps, 0.25))
+    step_ratio, step_grad = grads_of(model, lambda: step_loss(learner, traj, adv, ALL, rows, steps, 0.25))
     chunk_ratio, chunk_grad = grads_of(
-        model, lambda: chunk_loss(learner, traj, adv, rows, steps, [1] * T, 0.25)
+        model, lambda: chunk_loss(learner, traj, adv, ALL, rows, steps, [1] * T, 0.25)
     )
     assert (step_ratio - 1).abs().max() > 1e-4  # the comparison is not between two trivial ratios of 1
     assert (step_ratio - chunk_ratio).abs().max() < 1e-6
@@ -92,9 +94,9 @@ def nudged(tiny_flux_dir):
 
 
 def test_pack_fills_batches_longest_first_and_gives_an_oversized_chunk_its_own():
-    assert pack([2, 1, 3, 1, 7], 4) == [[4], [2, 1], [0, 3]]
-    assert pack([1, 1, 1], 2) == [[0, 1], [2]]  # ties keep their order
-    assert pack([], 4) == []
+    assert first_fit_batches([2, 1, 3, 1, 7], 4) == [[4], [2, 1], [0, 3]]
+    assert first_fit_batches([1, 1, 1], 2) == [[0, 1], [2]]  # ties keep their order
+    assert first_fit_batches([], 4) == []
 
 
 @pytest.mark.parametrize("chunk_ratio", ["chunk", "step"])
@@ -106,8 +108,8 @@ def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
     _, traj, adv = batch
     policy, ref = nudged
     args = ChunkArgs(clip_range=2e-4, beta=beta, chunk_ratio=chunk_ratio)
-    learner = Learner(policy, ref if beta else None, args)
-    learner.kept = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # trajectory 3 dropped (a non-finite reward)
+    learner = Learner(policy, ref if beta else None, mode_defaults(args))
+    kept = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0])  # trajectory 3 dropped (a non-finite reward)
     sizes, scale = [1, 2, 3], 0.2  # T = 6 steps
     rows = torch.tensor([4, 0, 3, 1, 5])
     chunks = torch.tensor([[0, 2], [1, 2], [0, 1], [2, 1], [1, 0]])  # (n, k): chunk ids, any order
@@ -122,7 +124,7 @@ def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
                 ratio = log_ratio.mean().exp()
                 r = ratio if chunk_ratio == "chunk" else log_ratio.exp()  # the control: a ratio per step
                 surrogate = torch.maximum(-adv[row] * r, -adv[row] * r.clamp(1 - eps, 1 + eps)).mean()
-                loss = (surrogate + beta * kl.mean()) * learner.kept[row]
+                loss = (surrogate + beta * kl.mean()) * kept[row]
                 (loss * scale / chunks.shape[1]).backward()
                 ratios.append(ratio.detach())
         return torch.stack(ratios)
@@ -136,7 +138,7 @@ def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
         return log_probs(traj, r, t)
 
     monkeypatch.setattr(learner, "log_probs", counted)
-    ratio, grad = grads_of(policy, lambda: chunk_loss(learner, traj, adv, rows, chunks, sizes, scale))
+    ratio, grad = grads_of(policy, lambda: chunk_loss(learner, traj, adv, kept, rows, chunks, sizes, scale))
     # 20 rows: one forward per chunk at batch size 1, four full forwards of 5 (chunks of several
     # trajectories, never split), one forward of all
     assert len(rows_per_forward) == forwards and sum(rows_per_forward) == 20
@@ -151,9 +153,9 @@ def test_packed_chunks_give_the_gradient_of_one_forward_per_chunk(
 def test_one_chunk_of_all_steps_is_the_sequence_level_ratio(batch):
     model, traj, adv = batch
     T = traj.log_probs.shape[1]
-    learner = Learner(model, None, ChunkArgs(clip_range=1e-3))
+    learner = Learner(model, None, mode_defaults(ChunkArgs(clip_range=1e-3)))
     rows = torch.tensor([1, 4])
-    ratio = chunk_loss(learner, traj, adv, rows, torch.zeros(2, 1, dtype=torch.long), [T], 1.0)
+    ratio = chunk_loss(learner, traj, adv, ALL, rows, torch.zeros(2, 1, dtype=torch.long), [T], 1.0)
     with torch.no_grad():  # brute force: every step scored on its own, then exp of the mean log-ratio
         logp = torch.stack(
             [learner.log_probs(traj, torch.tensor([r] * T), torch.arange(T))[0] for r in (1, 4)]
@@ -167,7 +169,9 @@ def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
     """The objective's sign: a step down its gradient raises log pi where A > 0, lowers it where A < 0."""
     model, traj, _ = batch
     T = traj.log_probs.shape[1]
-    learner = Learner(model, None, Args(clip_range=1.0))  # a clip this wide leaves the plain policy gradient
+    learner = Learner(
+        model, None, mode_defaults(Args(clip_range=1.0))
+    )  # a clip this wide leaves the plain policy gradient
     rows, steps = torch.tensor([2]), torch.arange(T)[None]  # (1,), (1, T)
 
     def mean_logp():
@@ -175,7 +179,7 @@ def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
             return learner.log_probs(traj, rows.expand(T), steps[0])[0].mean()
 
     before, saved = mean_logp(), [p.detach().clone() for p in model.transformer.parameters()]
-    _, grad = grads_of(model, lambda: step_loss(learner, traj, torch.full((6,), sign), rows, steps, 1.0))
+    _, grad = grads_of(model, lambda: step_loss(learner, traj, torch.full((6,), sign), ALL, rows, steps, 1.0))
     with torch.no_grad():
         for p in model.transformer.parameters():
             if p.grad is not None:
@@ -188,8 +192,6 @@ def test_a_descent_step_moves_log_probs_with_the_advantage(batch, sign):
 
 
 def test_args_defaults_are_the_gcpo_recipe():
-    from train_grpo import mode_defaults
-
     a = mode_defaults(ChunkArgs())  # eta and clip_range follow the flow SDE's recipe
     assert (a.num_steps, a.shift, a.sde_mode, a.eta, a.num_generations, a.prompts_per_rank) == (
         17,
@@ -212,13 +214,13 @@ def test_the_step_ratio_control_differs_from_the_chunk_ratio_only_where_ratios_l
     rows, chunks, sizes = torch.tensor([0, 4]), torch.tensor([[2], [1]]), [1, 2, 3]
 
     def grad(chunk_ratio, log_probs=None):
-        learner = Learner(policy, None, ChunkArgs(clip_range=2e-4, chunk_ratio=chunk_ratio))
+        learner = Learner(policy, None, mode_defaults(ChunkArgs(clip_range=2e-4, chunk_ratio=chunk_ratio)))
         if log_probs is not None:
             learner.log_probs = log_probs
-        return grads_of(policy, lambda: chunk_loss(learner, traj, adv, rows, chunks, sizes, 1.0))[1]
+        return grads_of(policy, lambda: chunk_loss(learner, traj, adv, ALL, rows, chunks, sizes, 1.0))[1]
 
     assert (grad("chunk") - grad("step")).abs().max() > 1e-3 * grad("chunk").abs().max()
-    learner = Learner(policy, None, ChunkArgs())
+    learner = Learner(policy, None, mode_defaults(ChunkArgs()))
 
     def as_if_on_policy(traj_, r, t):  # the stored log-probs are the policy's own: every ratio exactly 1
         logp, kl = learner.log_probs(traj_, r, t)

@@ -12,7 +12,7 @@ import train_chunk
 import train_grpo
 from plumbing.models import load_model, pipeline_sigmas
 from plumbing.runtime import UsageError, cli
-from sampler import rollout, sde_mean_std, sde_step, sigma_schedule
+from sampler import mode_defaults, rollout, sde_mean_std, sde_step, sigma_schedule
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
 
@@ -88,7 +88,7 @@ def test_eval_default_reproduces_the_stock_pipeline_called_with_defaults(
 
 def test_mode_dependent_defaults_follow_the_mode_unless_given():
     def resolved(*flags):
-        args = train_grpo.mode_defaults(cli(train_grpo.Args, train_grpo.PRESETS, list(flags)))
+        args = mode_defaults(cli(train_grpo.Args, train_grpo.PRESETS, list(flags)))
         return args.eta, args.clip_range
 
     assert resolved() == (0.7, 5e-5)  # GCPO
@@ -111,7 +111,9 @@ def test_every_chunk_preset_has_a_layout_of_its_trainable_steps(preset):
 def test_the_trainer_warns_when_rollout_and_training_disagree(tmp_path, capsys, monkeypatch):
     flags = ["--preset", "toy", "--prompts-per-rank", "2", "--num-generations", "4", "--num-steps", "6"]
     flags += ["--gradient-accumulation-steps", "4", "--image-every", "0", "--num-iterations", "1"]
-    train_grpo.main(train_grpo.parse_args(flags + ["--output-dir", str(tmp_path / "agree")]))
+    train_grpo.main(
+        cli(train_grpo.Args, train_grpo.PRESETS, flags + ["--output-dir", str(tmp_path / "agree")])
+    )
     assert "warning: ratio_first" not in capsys.readouterr().out
 
     def rescored_off_by_2e_4(*args, **kwargs):  # training's forward disagrees with the rollout's by 2e-4
@@ -119,5 +121,7 @@ def test_the_trainer_warns_when_rollout_and_training_disagree(tmp_path, capsys, 
         return x, log_prob + 2e-4
 
     monkeypatch.setattr(train_grpo, "sde_step", rescored_off_by_2e_4)
-    train_grpo.main(train_grpo.parse_args(flags + ["--output-dir", str(tmp_path / "disagree")]))
+    train_grpo.main(
+        cli(train_grpo.Args, train_grpo.PRESETS, flags + ["--output-dir", str(tmp_path / "disagree")])
+    )
     assert "warning: ratio_first 2.0e-04 is over a tenth of the clip range" in capsys.readouterr().out

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plumbing.runtime import UsageError
+from plumbing.runtime import UsageError, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny settings: 2 prompts x 4 images per rank, 6 steps (T = 5 trainable), 2 optimizer steps per iteration.
@@ -192,4 +192,4 @@ def test_bad_input_messages(tmp_path, flags, message):
     empty.write_text("\n\n")
     argv = TINY + ["--output-dir", str(tmp_path)] + [str(empty) if f == "EMPTY" else f for f in flags]
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
-        train_grpo.main(train_grpo.parse_args(argv=argv))
+        train_grpo.main(cli(train_grpo.Args, train_grpo.PRESETS, argv))
