@@ -27,58 +27,48 @@ import json
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from plumbing.models import load_model
 from plumbing.prompts import PromptSource
-from plumbing.runtime import UsageError, print0, run, writable_dir
+from plumbing.runtime import Range, UsageError, print0, resolve_device, run, writable_dir
 from plumbing.tables_and_figures import plot_curve
-from sampler import mode_defaults, num_selected, random_units, rollout, sampling_settings
+from sampler import SamplingArgs, mode_defaults, num_selected, random_units, rollout, sampling_settings
 
 RECIPE_SIZES = [2, 3, 4, 7]  # GCPO's released FLUX layout over T = 16 trainable steps (17 sampled)
 
 
 @dataclass
-class Args:
+class Args(SamplingArgs):  # the sampler measured: num_steps, shift, schedule, sde_mode, eta, device
     # --- model and prompts ---
     model: str = "toy"
     """hub id or local folder of a FLUX / SD3 pipeline, or `toy` for the bundled CPU model"""
     prompts: str = "toy"
     """text file with one prompt per line, or `toy` / `toy:heldout` / `toy:train` for the toy grammar (`toy`:
     the held-out split, prompts RL never trains on)"""
-    num_prompts: int = 64
+    num_prompts: Annotated[int, Range(">= 1")] = 64
     """prompts to measure: the first ones of the file or of the fixed toy list"""
-    height: int | None = None
+    height: Annotated[int | None, Range("a positive multiple of 16")] = None
     """image height in pixels (FLUX / SD3 only)"""
-    width: int | None = None
+    width: Annotated[int | None, Range("a positive multiple of 16")] = None
     """image width in pixels (FLUX / SD3 only)"""
-    device: str = "cpu"
-    """cpu or cuda"""
     # --- sampling ---
-    num_generations: int = 4
+    num_generations: Annotated[int, Range(">= 1")] = 4
     """trajectories per prompt; 2 or more measure the within-prompt spread (the prompt-invariance check)"""
-    num_steps: int = 17
-    """denoising steps; T = num_steps - 1 trainable transitions are measured"""
-    shift: float = 3.0
-    """resolution shift of the sigma schedule"""
-    sde_mode: Literal["flow", "dance", "cps", "ode"] = "flow"
-    """the sampler measured: flow, dance or cps (as in train_grpo.py), or the deterministic ode"""
-    eta: float | None = None
-    """noise level of the SDE; default by mode: flow 0.7, dance 0.3, cps 0.7"""
-    seed: int = 0
+    seed: Annotated[int, Range(">= 0")] = 0
     """seed of every trajectory's noise (the prompts are a fixed list)"""
-    rollout_batch_size: int | None = None
+    rollout_batch_size: Annotated[int | None, Range(">= 1")] = None
     """trajectories per transformer forward (memory only: results do not depend on it); default: all"""
     # --- layouts ---
-    sizes: tuple[int, ...] = tuple(RECIPE_SIZES)
+    sizes: Annotated[tuple[int, ...], Range(">= 1")] = tuple(RECIPE_SIZES)
     """chunk sizes of the 'fixed' layout (must sum to num_steps - 1)"""
-    size: int = 4
+    size: Annotated[int, Range(">= 1")] = 4
     """chunk size of the 'uniform' layout"""
-    num_chunks: int = 4
+    num_chunks: Annotated[int, Range(">= 1")] = 4
     """chunks of the 'curve' layout"""
-    min_size: int = 2
+    min_size: Annotated[int, Range(">= 1")] = 2
     """minimum chunk size of the 'curve' and 'adaptive' layouts"""
     # --- output ---
     output_dir: str = "runs/chunking"
@@ -293,8 +283,9 @@ def main(args: Args):
     if source.is_toy and args.model != "toy" and not Path(args.model, "toy_config.json").exists():
         raise UsageError("toy prompts fit only the toy model; pass --prompts FILE (one prompt per line)")
     prompts = source.head(args.num_prompts)
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    model = load_model(args.model, device=args.device, height=args.height, width=args.width, dtype=dtype)
+    device = resolve_device(args.device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = load_model(args.model, device=device, height=args.height, width=args.width, dtype=dtype)
     out = writable_dir(args.output_dir)
     G, batch_size = args.num_generations, args.rollout_batch_size
     sampling = sampling_settings(args, model)

@@ -29,7 +29,7 @@ makes them.
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ from plumbing.checkpoints import checkpoints
 from plumbing.models import load_model, load_transformer
 from plumbing.prompts import PromptSource, outside_toy_grammar
 from plumbing.runtime import (
+    Range,
     UsageError,
     gather_objects,
     print0,
@@ -49,11 +50,11 @@ from plumbing.runtime import (
 )
 from plumbing.tables_and_figures import comparison_grid, markdown, summarize
 from rewards import build_reward
-from sampler import mode_defaults, rollout, sampling_settings
+from sampler import SamplingArgs, mode_defaults, rollout, sampling_settings
 
 
 @dataclass
-class Args:
+class Args(SamplingArgs):
     preset: str | None = None
     """`toy` (the CPU toy world); the defaults are GCPO's FLUX.1-dev evaluation protocol"""
     # --- models ---
@@ -70,44 +71,34 @@ class Args:
     prompts: str = "hpdv2:test"
     """text file of one prompt a line, a named set (plumbing/prompts.py; GCPO: hpdv2:test), or
     toy[:heldout|:train]"""
-    num_prompts: int | None = None
+    num_prompts: Annotated[int | None, Range(">= 1")] = None
     """the first N prompts of the file (default: all); of the toy grammar's fixed list (default: 250)"""
     reward: tuple[str, ...] = ("hpsv3",)
     """rewards to report, a column each (names as in rewards.py; a `name:weight` weight is ignored)"""
     reward_path: tuple[str, ...] = ()
     """`name=path` local checkpoints for rewards, overriding their hub ids"""
-    # --- sampling ---
-    sde_mode: Literal["ode", "flow", "dance", "cps"] = "ode"
-    """sampler: ode (deterministic, the papers' evaluation) or an SDE (the stochastic policy RL trains)"""
-    eta: float | None = None
-    """noise level of an SDE mode; default by mode: flow 0.7, dance 0.3, cps 0.7; unused by ode"""
+    # --- sampling (and sampler.SamplingArgs): the papers' protocol, GCPO's 50-step ODE, pipeline sigmas ---
     num_steps: int = 50
-    """denoising steps (GCPO evaluates with 50)"""
-    schedule: Literal["pipeline", "shift"] = "pipeline"
-    """pipeline: the stock pipeline's default sigmas and unquantised timesteps, the papers' evaluation (FLUX:
-    dynamic shift for the image size); shift: the training schedule, linspace under --shift"""
-    shift: float = 3.0
-    """resolution shift of the `shift` schedule, as in training"""
-    guidance_scale: float = 3.5
+    schedule: Literal["shift", "pipeline"] = "pipeline"
+    sde_mode: Literal["flow", "dance", "cps", "ode"] = "ode"
+    guidance_scale: Annotated[float, Range(">= 0")] = 3.5
     """FLUX: the distilled guidance embedding; SD3: the classifier-free guidance scale"""
-    height: int = 1024
+    height: Annotated[int, Range("a positive multiple of 16")] = 1024
     """image height in pixels (the toy model is always 32)"""
-    width: int = 1024
+    width: Annotated[int, Range("a positive multiple of 16")] = 1024
     """image width in pixels"""
-    num_generations: int = 1
+    num_generations: Annotated[int, Range(">= 1")] = 1
     """images per prompt; the standard error is taken over prompts"""
-    seed: int = 0
+    seed: Annotated[int, Range(">= 0")] = 0
     """image j of prompt p starts from noise seeded by (seed, p, j), the same for every model"""
-    prompts_per_batch: int = 4
+    prompts_per_batch: Annotated[int, Range(">= 1")] = 4
     """prompts per sampling batch (memory only: results do not depend on it or on the number of ranks)"""
     # --- output ---
     output_dir: str = "runs/eval"
     """where table.md, results.json and grid.png go"""
-    grid_prompts: int = 8
+    grid_prompts: Annotated[int, Range(">= 0")] = 8
     """rows of the image grid: the first N prompts, first image of each"""
-    device: str = "auto"
-    """cuda, cpu or auto"""
-    timeout: float = 600.0
+    timeout: Annotated[float, Range("> 0")] = 600.0
     """seconds a collective waits for the other ranks before the job stops (a hung or dead rank)"""
 
 

@@ -16,6 +16,7 @@ estimate at its input, which is exactly this deterministic step: the same image.
 """
 
 from dataclasses import dataclass, fields, replace
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from plumbing.models import FlowModel, pipeline_sigmas
-from plumbing.runtime import UsageError, seed_for
+from plumbing.runtime import Range, UsageError, seed_for
 
 SDE_MODES = ("flow", "dance", "cps", "ode")
 # Each --sde-mode's own recipe, wherever --eta or --clip-range is not given: the SDE's noise level, and the
@@ -31,6 +32,27 @@ SDE_MODES = ("flow", "dance", "cps", "ode")
 # flow: Flow-GRPO and GCPO; dance: DanceGRPO; cps: Flow-GRPO's CPS sampler; ode: evaluation, never trained.
 MODE_ETA = {"flow": 0.7, "dance": 0.3, "cps": 0.7, "ode": 0.0}
 MODE_CLIP_RANGE = {"flow": 5e-5, "dance": 1e-4, "cps": 1e-5}
+
+
+@dataclass
+class SamplingArgs:
+    """The sampler's flags, declared once: the Args of train_grpo.py (and train_chunk.py), eval.py and
+    chunking.py inherit them, and a script changes only a default (eval.py: the papers' 50-step ODE)."""
+
+    num_steps: Annotated[int, Range(">= 2")] = 17
+    """denoising steps; the first num_steps-1 transitions are the trainable ones, the last one never is"""
+    shift: Annotated[float, Range("> 0")] = 3.0
+    """resolution shift of the `shift` schedule, s -> shift s / (1 + (shift - 1) s)"""
+    schedule: Literal["shift", "pipeline"] = "shift"
+    """sigmas: linspace under --shift (DanceGRPO, GCPO), or the stock pipeline scheduler's (Flow-GRPO on
+    SD3.5; the papers' evaluation, FLUX's dynamic shift for the image size)"""
+    sde_mode: Literal["flow", "dance", "cps", "ode"] = "flow"
+    """the policy: flow (Flow-GRPO, GCPO), dance (DanceGRPO), cps (Flow-GRPO's CPS sampler), or the
+    deterministic ode (evaluation; RL needs an SDE)"""
+    eta: Annotated[float | None, Range("> 0")] = None
+    """noise level of the SDE; default by --sde-mode (MODE_ETA): flow 0.7, dance 0.3, cps 0.7"""
+    device: str = "auto"
+    """cuda, cpu or auto"""
 
 
 def mode_defaults(args):

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ import torch.distributed as dist
 import train_grpo
 from chunking import chunk_bounds, chunk_means, l1rel, make_layout, select_chunks
 from plumbing import recipes
-from plumbing.runtime import UsageError, run
+from plumbing.runtime import Range, UsageError, run
 from sampler import num_selected
 from train_grpo import Args, ppo_clip_loss
 
@@ -48,17 +48,17 @@ class ChunkArgs(Args):
     # --- chunks ---
     chunk_layout: Literal["fixed", "uniform", "curve", "adaptive"] = "fixed"
     """how the T trainable steps are cut (chunking.py): fixed sizes, one size, or fitted to an L1rel curve"""
-    chunk_sizes: tuple[int, ...] = (2, 3, 4, 7)
+    chunk_sizes: Annotated[tuple[int, ...], Range(">= 1")] = (2, 3, 4, 7)
     """`fixed` layout: chunk sizes from high noise to low, summing to T (GCPO on FLUX: 2 3 4 7, T = 16)"""
-    chunk_size: int = 4
+    chunk_size: Annotated[int, Range(">= 1")] = 4
     """`uniform` layout: the size of every chunk (the last one shorter if it does not divide T)"""
     chunk_curve: str | None = None
     """`curve`/`adaptive` layouts: the model's L1rel curve, the l1rel.json `python chunking.py` writes"""
-    num_chunks: int = 4
+    num_chunks: Annotated[int, Range(">= 1")] = 4
     """`curve` layout: K, the number of chunks fitted to the curve"""
-    chunk_min_size: int = 2
+    chunk_min_size: Annotated[int, Range(">= 1")] = 2
     """`curve`/`adaptive` layouts: the smallest chunk allowed"""
-    chunk_fraction: float = 0.5
+    chunk_fraction: Annotated[float, Range("in (0, 1]")] = 0.5
     """fraction of each trajectory's chunks trained per iteration (GCPO: 0.5, i.e. 2 of 4)"""
     chunk_weighted_sampling: bool = False
     """draw the trained chunks with probabilities from each chunk's mean L1rel on the trajectory (GCPO)"""

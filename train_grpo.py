@@ -26,7 +26,7 @@ from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -37,10 +37,11 @@ from plumbing.checkpoints import check_output_dir, checkpoint_due, checkpoints, 
 from plumbing.metrics import Logger, iteration_metrics
 from plumbing.models import load_model
 from plumbing.prompts import PromptSource, outside_toy_grammar
-from plumbing.runtime import UsageError, autocast, print0, run, seed_for, setup_distributed, shard
+from plumbing.runtime import Range, UsageError, autocast, print0, run, seed_for, setup_distributed, shard
 from plumbing.tables_and_figures import save_samples
 from rewards import build_reward
 from sampler import (
+    SamplingArgs,
     mode_defaults,
     num_selected,
     random_units,
@@ -52,7 +53,7 @@ from sampler import (
 
 
 @dataclass
-class Args:
+class Args(SamplingArgs):
     preset: str | None = None
     """`toy` (the CPU toy world) or `sd35` (Flow-GRPO's SD3.5-M); the defaults are GCPO's FLUX.1-dev recipe"""
     # --- model and data ---
@@ -65,82 +66,70 @@ class Args:
     """reward names with optional weights, `name` or `name:weight`; several are summed (see rewards.py)"""
     reward_path: tuple[str, ...] = ()
     """`name=path` local checkpoints for rewards, overriding their hub ids"""
-    height: int = 720
+    height: Annotated[int, Range("a positive multiple of 16")] = 720
     """image height in pixels"""
-    width: int = 720
+    width: Annotated[int, Range("a positive multiple of 16")] = 720
     """image width in pixels"""
-    guidance_scale: float = 3.5
+    guidance_scale: Annotated[float, Range(">= 0")] = 3.5
     """FLUX: the distilled guidance embedding (no CFG); SD3: the classifier-free guidance scale"""
-    # --- sampling ---
-    num_steps: int = 17
-    """denoising steps per trajectory; the first num_steps-1 transitions are trainable, the last one is not"""
-    shift: float = 3.0
-    """resolution shift of the sigma schedule, s -> shift s / (1 + (shift - 1) s)"""
-    schedule: Literal["shift", "pipeline"] = "shift"
-    """sigmas: linspace under --shift (DanceGRPO, GCPO), or the pipeline scheduler's (Flow-GRPO on SD3.5)"""
-    sde_mode: Literal["flow", "dance", "cps"] = "flow"
-    """the stochastic policy: flow (Flow-GRPO, GCPO), dance (DanceGRPO), cps (Flow-GRPO's CPS sampler)"""
-    eta: float | None = None
-    """noise level of the SDE; default by --sde-mode: flow 0.7, dance 0.3, cps 0.7"""
-    prompts_per_rank: int = 2
+    # --- sampling (and sampler.SamplingArgs: num_steps, shift, schedule, sde_mode, eta, device) ---
+    prompts_per_rank: Annotated[int, Range(">= 1")] = 2
     """B: prompts per rank per iteration; each prompt's whole group stays on its rank"""
-    num_generations: int = 12
+    num_generations: Annotated[int, Range(">= 1")] = 12
     """G: images per prompt (the group size)"""
     init_same_noise: Literal["none", "group", "all"] = "all"
     """initial noise shared by a prompt's group or by every trajectory of a rank (GCPO: all)"""
-    rollout_batch_size: int = 12
+    rollout_batch_size: Annotated[int, Range(">= 1")] = 12
     """trajectories per transformer forward during sampling (memory only; results do not depend on it)"""
     # --- objective ---
-    timestep_fraction: float = 0.5
+    timestep_fraction: Annotated[float, Range("in (0, 1]")] = 0.5
     """fraction of each trajectory's trainable steps trained per iteration (GCPO 0.5, DanceGRPO 0.6)"""
-    clip_range: float | None = None
+    clip_range: Annotated[float | None, Range("> 0")] = None
     """PPO clip epsilon, tiny as log-probs are element means; by mode: flow 5e-5, dance 1e-4, cps 1e-5"""
-    adv_clip_max: float = 5.0
+    adv_clip_max: Annotated[float, Range("> 0")] = 5.0
     """advantages are clipped to [-adv_clip_max, adv_clip_max]"""
     adv_std: Literal["group", "batch"] = "group"
     """normalise by each prompt's reward std (DanceGRPO, GCPO) or one std over the whole batch (Flow-GRPO)"""
-    slas_gamma: float | None = None
+    slas_gamma: Annotated[float | None, Range(">= 0")] = None
     """if set, SLAS: A = sign(d)|d|^(1+gamma), d = r - group mean, over the batch std (0.5 is our guess)"""
-    beta: float = 0.0
+    beta: Annotated[float, Range(">= 0")] = 0.0
     """weight of Flow-GRPO's KL to the frozen base model (its PickScore 0.01, GenEval 0.04; GCPO: none)"""
-    train_batch_size: int = 1
+    train_batch_size: Annotated[int, Range(">= 1")] = 1
     """transitions per forward/backward during training (memory only; the gradient does not depend on it)"""
     # --- optimisation ---
-    learning_rate: float = 1e-5
+    learning_rate: Annotated[float, Range("> 0")] = 1e-5
     """AdamW learning rate"""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: Annotated[tuple[float, float], Range("in [0, 1)")] = (0.9, 0.999)
     """AdamW betas"""
-    weight_decay: float = 1e-4
+    weight_decay: Annotated[float, Range(">= 0")] = 1e-4
     """AdamW weight decay"""
-    max_grad_norm: float = 0.01
+    max_grad_norm: Annotated[float, Range("> 0")] = 0.01
     """gradient clipping threshold (GCPO / DanceGRPO: 0.01)"""
-    gradient_accumulation_steps: int = 12
+    gradient_accumulation_steps: Annotated[int, Range(">= 1")] = 12
     """trajectories per optimizer step on each rank (GCPO: 12, so 2 optimizer steps per iteration)"""
-    num_iterations: int = 150
+    num_iterations: Annotated[int, Range(">= 1")] = 150
     """sample-then-train iterations"""
     # --- LoRA ---
-    lora_rank: int = 0
+    lora_rank: Annotated[int, Range(">= 0")] = 0
     """0: full fine-tuning (GCPO); r > 0: a rank-r LoRA adapter on a frozen base (plumbing/lora.py)"""
-    lora_alpha: float | None = None
+    lora_alpha: Annotated[float | None, Range("> 0")] = None
     """LoRA scale alpha (the update is alpha / r B A); default 2 x rank, Flow-GRPO's 64 for rank 32"""
     lora_targets: tuple[str, ...] = ()
     """module names (suffixes) given an adapter; default: every attention projection (lora.DEFAULT_TARGETS)"""
     # --- system ---
-    seed: int = 0
+    seed: Annotated[int, Range(">= 0")] = 0
     """base seed: the same weights on every rank; noise and prompts get a per-rank, per-iteration offset"""
-    device: str = "auto"
-    """cuda, cpu or auto"""
     gradient_checkpointing: bool = True
     """recompute transformer activations in backward (needed for FLUX at 720 px)"""
     output_dir: str = "runs/grpo"
     """where metrics.jsonl, sample grids and checkpoints go"""
-    checkpoint_every: int = 50
+    checkpoint_every: Annotated[int, Range(">= 1")] = 50
     """save a checkpoint every k iterations (and at the end)"""
-    max_skipped_steps: int = 3
+    max_skipped_steps: Annotated[int, Range(">= 1")] = 3
     """stop after this many optimizer steps in a row skipped for a non-finite loss or gradient norm"""
-    timeout: float = 600.0
+    timeout: Annotated[float, Range("> 0")] = 600.0
     """seconds a collective waits for the other ranks before the job stops (a hung or dead rank)"""
-    image_every: int = 10
+    image_every: Annotated[int, Range(">= 0")] = 10
     """save a grid of samples with prompts and rewards every k iterations"""
     resume: bool = False
     """continue from the newest checkpoint in output_dir"""
@@ -273,7 +262,9 @@ def describe_steps(args, T):
 
 # ----------------------------------------------------------------------------- the loop
 def check_batch(args: Args):
-    """The batch flags a run cannot start with, each refused with the flag to change."""
+    """The flags a run cannot start with, each refused with the flag to change."""
+    if args.sde_mode == "ode":
+        raise UsageError("--sde-mode ode is deterministic: RL needs a stochastic policy (flow, dance or cps)")
     if args.num_generations < 2:
         raise UsageError("--num-generations 1: group-relative advantages need at least 2 images per prompt")
     n_local = args.prompts_per_rank * args.num_generations
@@ -366,8 +357,8 @@ def print_progress(metrics, args: Args):
 def main(args: Args, objective=step_objective, describe=describe_steps):
     """The GRPO loop. `objective(learner, traj, adv, kept, rows, scale, generator) -> (ratios, counts)` does
     the forward/backward of one optimizer step's trajectories; train_chunk.py passes its chunk-level one."""
-    args = mode_defaults(args)  # eta and clip_range follow --sde-mode unless given
     check_batch(args)
+    args = mode_defaults(args)  # eta and clip_range follow --sde-mode unless given
     objective_lines = describe(args, args.num_steps - 1)  # validates the objective's flags before any load
     device, rank, world = setup_distributed(args)
     check_output_dir(args)  # a used or unwritable --output-dir is refused before anything is written

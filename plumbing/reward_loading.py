@@ -81,14 +81,14 @@ def _load(reward: str, repo: str, what: str, files: tuple, load: Callable[[bool]
         return load(True)
     except (OSError, ValueError) as e:
         err = e
-    local = local_folder(repo) is not None
-    online = not local and _online()
+    in_folder = local_folder(repo) is not None
+    online = not in_folder and _online()
     if online:
         try:
             return load(False)
         except (OSError, ValueError) as e:
             err = e
-    if local:
+    if in_folder:
         where = f"folder {repo}"
     elif online:
         where = f"{repo} on the Hugging Face hub"
@@ -96,11 +96,11 @@ def _load(reward: str, repo: str, what: str, files: tuple, load: Callable[[bool]
         where = (
             f"the Hugging Face cache for {repo} (offline: HF_HUB_OFFLINE is set or the hub is unreachable)"
         )
-    if local or online:  # the first line of the loader's own complaint
+    if in_folder or online:  # the first line of the loader's own complaint
         where += f" ({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]})"
     names, them = ", ".join(files), "it" if len(files) == 1 else "them"
     get = " ".join(["hf download", repo, *files])  # these files only, never the whole (16 GB) repo
-    if local:
+    if in_folder:
         fix = f"put {names} there, or point {PATH_FLAG} {reward}=DIR at the folder that holds {them}"
         fix += " (or =FILE at the checkpoint file)"
     elif into:

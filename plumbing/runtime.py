@@ -8,7 +8,7 @@ folder, its checkpoints and its log are plumbing/checkpoints.py's). Nothing here
 import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -57,68 +57,50 @@ def print0(*args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- flags
-# The values the numeric flags of every script accept; `check_flags` tests the ones a script's Args has,
-# right after parsing, so that a bad value ends with one line before anything loads. A tuple flag is checked
-# per item.
-FLAG_RULES = {
-    "> 0": ("learning_rate", "lr", "eta", "clip_range", "adv_clip_max", "max_grad_norm", "shift", "timeout")
-    + ("lora_alpha",),
-    ">= 0": ("weight_decay", "beta", "slas_gamma", "guidance_scale", "seed", "image_every", "grid_prompts")
-    + ("lora_rank",),
-    "in (0, 1]": ("timestep_fraction", "chunk_fraction"),
-    "in [0, 1)": ("adam_betas", "ema"),
-    ">= 1": (
-        "prompts_per_rank",
-        "num_generations",
-        "rollout_batch_size",
-        "train_batch_size",
-        "num_iterations",
-        "iterations",
-        "gradient_accumulation_steps",
-        "checkpoint_every",
-        "num_prompts",
-        "prompts_per_batch",
-        "chunk_sizes",
-        "chunk_size",
-        "num_chunks",
-        "chunk_min_size",
-        "sizes",
-        "size",
-        "min_size",
-        "max_skipped_steps",
-    ),
-    ">= 2": ("num_steps",),
-    "a positive multiple of 16": ("height", "width"),  # 8x VAE, then 2x2 patches (FLUX tokens, SD3 patches)
-}
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric flag accepts, declared beside it: `lr: Annotated[float, Range("> 0")] = 1e-5`.
+    check_flags tests every declared range right after parsing, so that a bad value ends with one line before
+    anything loads; a tuple flag is checked per item, None ("unset") always passes, NaN and inf never do."""
+
+    rule: str  # "> 0", ">= 0", ">= 1", ">= 2", "in (0, 1]", "in [0, 1)" or "a positive multiple of 16"
+
+    def allows(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.rule == "> 0":
+            return value > 0
+        if self.rule == ">= 0":
+            return value >= 0
+        if self.rule == "in (0, 1]":
+            return 0 < value <= 1
+        if self.rule == "in [0, 1)":
+            return 0 <= value < 1
+        if self.rule == "a positive multiple of 16":  # 8x VAE, then 2x2 patches (FLUX tokens, SD3 patches)
+            return value > 0 and value % 16 == 0
+        return value >= int(self.rule.split()[-1])  # ">= 1", ">= 2"
 
 
-def satisfies(value, rule: str) -> bool:
-    """Whether one value satisfies one of FLAG_RULES's rules (NaN and infinity never do)."""
-    if not math.isfinite(value):
-        return False
-    if rule == "> 0":
-        return value > 0
-    if rule == ">= 0":
-        return value >= 0
-    if rule == "in (0, 1]":
-        return 0 < value <= 1
-    if rule == "in [0, 1)":
-        return 0 <= value < 1
-    if rule == "a positive multiple of 16":
-        return value > 0 and value % 16 == 0
-    return value >= int(rule.split()[-1])  # ">= 1", ">= 2"
+def declared_range(cls, name: str) -> Range | None:
+    """The Range of field `name`, from the class that declares it (a subclass that only changes a default
+    keeps its base's range)."""
+    for klass in cls.__mro__:
+        hint = vars(klass).get("__annotations__", {}).get(name)
+        found = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Range)]
+        if found:
+            return found[0]
+    return None
 
 
 def check_flags(args):
     """One line for the first flag of `args` outside its range (None, "unset", passes), and for a device this
     machine does not have."""
-    for rule, names in FLAG_RULES.items():
-        for name in names:
-            value = getattr(args, name, None)
-            items = value if isinstance(value, tuple) else (value,)
-            if any(v is not None and not satisfies(v, rule) for v in items):
-                typed = " ".join(map(str, items))
-                raise UsageError(f"--{name.replace('_', '-')} {typed}: must be {rule}")
+    for f in fields(args):
+        allowed, value = declared_range(type(args), f.name), getattr(args, f.name)
+        items = value if isinstance(value, tuple) else (value,)
+        if allowed is not None and any(v is not None and not allowed.allows(v) for v in items):
+            typed = " ".join(map(str, items))
+            raise UsageError(f"--{f.name.replace('_', '-')} {typed}: must be {allowed.rule}")
     if getattr(args, "lora_rank", None) == 0 and (args.lora_alpha is not None or args.lora_targets):
         raise UsageError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (R > 0)")
     device = getattr(args, "device", "cpu")
@@ -154,12 +136,17 @@ def autocast(device):
     return torch.autocast("cpu", enabled=False)
 
 
+def resolve_device(name: str) -> str:
+    """--device as torch names it: auto is cuda where there is one, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE; plain python is world size 1. gloo on CPU, nccl on CUDA. A collective
     that waits `args.timeout` seconds for another rank (a hung or dead one) fails, and the job stops."""
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     if "RANK" in os.environ:
         timeout = timedelta(seconds=args.timeout)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)

@@ -27,7 +27,7 @@ from copy import deepcopy
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from statistics import median
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DMod
 import train_chunk
 from plumbing import lora, recipes
 from plumbing.models import FlowModel, flux_velocity, latent_flow_model, toy_latents_to_images
-from plumbing.runtime import UsageError, autocast, print0, run, seed_for, setup_distributed, shard
+from plumbing.runtime import Range, UsageError, autocast, print0, run, seed_for, setup_distributed, shard
 from sampler import mode_defaults, rollout, sampling_settings
 from train_grpo import Learner, clip_gradients, compute_advantages, describe_steps, step_objective
 
@@ -84,33 +84,33 @@ class Args:
     """the architecture and recipe: toy and tiny run on a CPU, flux-dev and sd35-medium on GPUs"""
     objective: Literal["step", "chunk"] = "chunk"
     """train_grpo's step-level objective or train_chunk's chunk-level one (with the recipe's layout)"""
-    iterations: int = 2
+    iterations: Annotated[int, Range(">= 1")] = 2
     """timed iterations after an untimed one, each phase followed by its compute floor; the table: medians"""
     # --- shapes (unset: the recipe's) ---
-    prompts_per_rank: int | None = None
+    prompts_per_rank: Annotated[int | None, Range(">= 1")] = None
     """B: prompts per rank per iteration"""
-    num_generations: int | None = None
+    num_generations: Annotated[int | None, Range(">= 1")] = None
     """G: images per prompt"""
-    num_steps: int | None = None
+    num_steps: Annotated[int | None, Range(">= 2")] = None
     """denoising steps per trajectory"""
-    height: int | None = None
+    height: Annotated[int | None, Range("a positive multiple of 16")] = None
     """image height in pixels (the toy's 32 are fixed)"""
-    width: int | None = None
+    width: Annotated[int | None, Range("a positive multiple of 16")] = None
     """image width in pixels (the toy's 32 are fixed)"""
-    rollout_batch_size: int | None = None
+    rollout_batch_size: Annotated[int | None, Range(">= 1")] = None
     """trajectories per transformer forward while sampling"""
-    train_batch_size: int | None = None
+    train_batch_size: Annotated[int | None, Range(">= 1")] = None
     """transitions per transformer forward/backward while training"""
-    gradient_accumulation_steps: int | None = None
+    gradient_accumulation_steps: Annotated[int | None, Range(">= 1")] = None
     """trajectories per optimizer step"""
-    lora_rank: int | None = None
+    lora_rank: Annotated[int | None, Range(">= 0")] = None
     """0: full fine-tuning; r > 0: a rank-r LoRA on a frozen base (unset: the recipe's, sd35-medium's 32)"""
-    lora_alpha: float | None = None
+    lora_alpha: Annotated[float | None, Range("> 0")] = None
     """LoRA scale alpha; default 2 x rank"""
     lora_targets: tuple[str, ...] = ()
     """module names given an adapter; default lora.DEFAULT_TARGETS"""
     # --- system ---
-    peak_tflops: float | None = None
+    peak_tflops: Annotated[float | None, Range("> 0")] = None
     """the device's dense bf16 peak for MFU, TFLOP/s (default: PEAK_TFLOPS's entry for a known GPU)"""
     device: str = "auto"
     """cuda, cpu or auto (auto refuses flux-dev and sd35-medium on a CPU; --device cpu runs them anyway)"""

@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -33,38 +34,38 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 import sampler
 from plumbing import models, toy
 from plumbing.prompts import PromptSource
-from plumbing.runtime import UsageError, image_grid, run, writable_dir
+from plumbing.runtime import Range, UsageError, image_grid, run, writable_dir
 
 
 @dataclass
 class Args:
-    seed: int = 0
+    seed: Annotated[int, Range(">= 0")] = 0
     """seed of the weights, the training scenes and the noise: the same seed rebuilds the same bundle"""
     output_dir: str = "assets/toy"
     """bundle folder: transformer/, text_encoder/, tokenizer/, toy_config.json, samples.png"""
     # --- pretraining ---
     steps: int = 6000
     """optimizer steps of flow matching"""
-    batch_size: int = 32
+    batch_size: Annotated[int, Range(">= 1")] = 32
     """rendered scenes per step"""
-    lr: float = 1e-3
+    lr: Annotated[float, Range("> 0")] = 1e-3
     """peak AdamW learning rate (linear warmup over a tenth of the steps, at most 100, cosine decay to 10%)"""
-    ema: float = 0.995
+    ema: Annotated[float, Range("in [0, 1)")] = 0.995
     """decay of the weights' moving average that is saved (smoother samples than the last iterate)"""
-    edge_weight: float = 4.0
+    edge_weight: Annotated[float, Range(">= 0")] = 4.0
     """extra loss weight on pixels at an object's edge, where its shape is drawn (0: plain flow matching)"""
     dim: int = 128
     """transformer width (heads of 32 channels)"""
-    num_layers: int = 2
+    num_layers: Annotated[int, Range(">= 1")] = 2
     """FLUX double-stream (joint text/image) blocks"""
-    num_single_layers: int = 2
+    num_single_layers: Annotated[int, Range(">= 0")] = 2
     """FLUX single-stream blocks"""
     text_dim: int = 64
     """CLIP text encoder width (2 layers, 2 heads)"""
-    threads: int = 1
+    threads: Annotated[int, Range(">= 1")] = 1
     """CPU threads; one keeps the build bit-reproducible and is as fast as two on a shared machine"""
     # --- evaluation ---
-    eval_prompts: int = 250
+    eval_prompts: Annotated[int, Range(">= 1")] = 250
     """held-out prompts scored per sampling mode after training"""
     eval_only: bool = False
     """skip training: evaluate the bundle already in --output-dir"""
@@ -86,8 +87,6 @@ def check(args: Args):
         raise UsageError(f"--dim is {args.dim}; it must be a positive multiple of 32 (heads of 32 channels)")
     if args.text_dim < 2 or args.text_dim % 2 != 0:
         raise UsageError(f"--text-dim is {args.text_dim}; it must be even and positive (2 attention heads)")
-    if min(args.batch_size, args.eval_prompts, args.threads) < 1:
-        raise UsageError("--batch-size, --eval-prompts and --threads must each be at least 1")
     if not args.eval_only:
         writable_dir(args.output_dir)
 

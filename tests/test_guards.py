@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ import train_chunk
 import train_grpo
 from plumbing.models import load_model, load_transformer
 from plumbing.prompts import PromptSource
-from plumbing.runtime import UsageError, cli
+from plumbing.runtime import UsageError, cli, declared_range
 from rewards import build_reward
 from sampler import mode_defaults, rollout
-from scripts import pretrain_toy
+from scripts import bench, pretrain_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "toy", "--prompts-per-rank", "2", "--num-generations", "4", "--num-steps", "6"]
@@ -31,7 +32,8 @@ SCRIPTS = {
     "train_chunk": (train_chunk.ChunkArgs, train_chunk.PRESETS),
     "eval": (eval.Args, eval.PRESETS),
     "chunking": (chunking.Args, None),
-    "toy_model": (pretrain_toy.Args, None),
+    "pretrain_toy": (pretrain_toy.Args, None),
+    "bench": (bench.Args, None),
 }
 BAD_FLAGS = [  # (script, flags, the start of the one-line message)
     ("train_grpo", ["--clip-range", "-0.1"], "--clip-range -0.1: must be > 0"),
@@ -59,10 +61,12 @@ BAD_FLAGS = [  # (script, flags, the start of the one-line message)
     ("eval", ["--num-prompts", "-1"], "--num-prompts -1: must be >= 1"),
     ("eval", ["--prompts-per-batch", "0"], "--prompts-per-batch 0: must be >= 1"),
     ("eval", ["--grid-prompts", "-1"], "--grid-prompts -1: must be >= 0"),
+    ("eval", ["--num-steps", "1"], "--num-steps 1: must be >= 2"),  # a changed default keeps its base's range
     ("chunking", ["--num-prompts", "0"], "--num-prompts 0: must be >= 1"),
     ("chunking", ["--eta", "-0.5"], "--eta -0.5: must be > 0"),
-    ("toy_model", ["--lr", "0"], "--lr 0.0: must be > 0"),
-    ("toy_model", ["--ema", "1"], "--ema 1.0: must be in [0, 1)"),
+    ("pretrain_toy", ["--lr", "0"], "--lr 0.0: must be > 0"),
+    ("pretrain_toy", ["--ema", "1"], "--ema 1.0: must be in [0, 1)"),
+    ("bench", ["--iterations", "0"], "--iterations 0: must be >= 1"),
 ]
 
 
@@ -73,6 +77,23 @@ def test_a_bad_flag_is_one_line_before_anything_loads(script, flags, message):
     with pytest.raises(UsageError) as e:
         cli(cls, presets, argv)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_every_numeric_flag_declares_its_range():
+    """The range of a numeric flag sits beside its declaration, where check_flags reads it."""
+    # eval's --hybrid-steps is checked against --num-steps; pretrain_toy.check holds what a Range cannot say
+    unchecked = {"hybrid_steps", "steps", "dim", "text_dim"}
+    for name, (cls, _) in SCRIPTS.items():
+        for f in fields(cls):
+            numeric = f.type in (int, float) or "int" in str(f.type) or "float" in str(f.type)
+            if numeric and f.name not in unchecked:
+                assert declared_range(cls, f.name) is not None, f"{name} --{f.name.replace('_', '-')}"
+
+
+def test_rl_refuses_the_deterministic_sampler(tmp_path):
+    argv = TINY + ["--sde-mode", "ode", "--output-dir", str(tmp_path)]
+    with pytest.raises(UsageError, match="--sde-mode ode is deterministic"):
+        train_grpo.main(cli(train_grpo.Args, train_grpo.PRESETS, argv))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -84,7 +84,7 @@ def test_script_builds_a_bundle_that_pretrain_reproduces_bit_for_bit(tmp_path):
         (["--eval-only", "--output-dir", "EMPTY"], "no toy bundle in"),
         (["--steps", "5"], "--steps is 5; it needs at least 10"),
         (["--dim", "48"], "--dim is 48; it must be a positive multiple of 32"),
-        (["--eval-prompts", "0"], "--eval-prompts and --threads must each be at least 1"),
+        (["--eval-prompts", "0"], "--eval-prompts 0: must be >= 1"),
     ],
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, monkeypatch, capsys, flags, message):

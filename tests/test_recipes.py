@@ -99,6 +99,9 @@ def test_mode_dependent_defaults_follow_the_mode_unless_given():
     sd35 = cli(train_grpo.Args, train_grpo.PRESETS, ["--preset", "sd35"])
     assert sd35.schedule == "pipeline" and sd35.timestep_fraction == 1.0 and sd35.beta == 0.01
     assert cli(eval.Args, eval.PRESETS, []).schedule == "pipeline"
+    evaluated = mode_defaults(cli(eval.Args, eval.PRESETS, []))  # no clip range: only eta, ode's is 0
+    assert evaluated.eta == 0.0 and (evaluated.num_steps, evaluated.sde_mode) == (50, "ode")
+    assert mode_defaults(cli(eval.Args, eval.PRESETS, ["--sde-mode", "dance"])).eta == 0.3
 
 
 @pytest.mark.parametrize("preset", [None, *train_chunk.PRESETS])
