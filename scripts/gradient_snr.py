@@ -21,7 +21,7 @@ import tyro
 from plumbing import toy
 from plumbing.models import load_model
 from rewards import build_reward
-from sampler import mode_defaults, rollout
+from sampler import mode_defaults, rollout, sampling_settings
 from train_grpo import Args as TrainArgs
 from train_grpo import Learner, compute_advantages, step_loss
 
@@ -59,8 +59,10 @@ def main(args: Args):
     torch.set_num_threads(args.threads)
     model = load_model("toy")
     reward_fn = build_reward(["toy"])
-    train = TrainArgs(sde_mode=args.sde_mode, eta=args.eta, clip_range=1e-3, train_batch_size=64)
-    learner = Learner(model, None, mode_defaults(train))
+    train = mode_defaults(
+        TrainArgs(sde_mode=args.sde_mode, eta=args.eta, clip_range=1e-3, train_batch_size=64)
+    )
+    learner, sampling = Learner(model, None, train), sampling_settings(train, model)  # 17 steps, shift 3
     params = [p for p in model.transformer.parameters() if p.requires_grad]
     per_step, rewards = [], []  # K x (T, P) gradients, K mean rewards
     for k in range(args.batches):
@@ -70,11 +72,10 @@ def main(args: Args):
             model,
             prompts,
             num_generations=args.num_generations,
-            mode=args.sde_mode,
-            eta=args.eta,
             seed=args.seed + k,
             init_same_noise=args.init_same_noise,
             batch_size=64,
+            **sampling,
         )
         r, _ = reward_fn(traj.images, traj.prompts)
         adv, _ = compute_advantages(r.float(), traj.group)

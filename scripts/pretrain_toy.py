@@ -191,11 +191,11 @@ def pretrain(args: Args, progress=True):
     return model, text_encoder, tokenizer
 
 
-def evaluate(model, prompts, *, mode, seed=0, num_steps=17, shift=3.0, eta=0.7):
-    """Sample one image per prompt with the training schedule. Returns (images, verdict, table), the table
-    {category or "all": (mean score, strict accuracy)}."""
-    schedule = dict(num_steps=num_steps, shift=shift, mode=mode, eta=eta)
-    traj = sampler.rollout(model, prompts, num_generations=1, seed=seed, batch_size=128, **schedule)
+def evaluate(model, prompts, *, mode, seed=0):
+    """Sample one image per prompt with the training schedule (17 steps, shift 3, the mode's own eta).
+    Returns (images, verdict, table), the table {category or "all": (mean score, strict accuracy)}."""
+    sampling = sampler.sampling_settings(sampler.mode_defaults(sampler.SamplingArgs(sde_mode=mode)), model)
+    traj = sampler.rollout(model, prompts, num_generations=1, seed=seed, batch_size=128, **sampling)
     verdict = toy.verify(traj.images, prompts)
     categories = [toy.category(p) for p in prompts]
     table = {}
