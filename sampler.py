@@ -175,6 +175,7 @@ class Trajectories:
     group: torch.Tensor  # (N,) index of the prompt in this batch
     prompts: list  # (N,) the prompt of each trajectory
     images: torch.Tensor  # (N, 3, H, W) in [0, 1]
+    clean: torch.Tensor  # (N, *latent_shape) fp32, the final latents at sigma 0: what `images` decode from
 
 
 def initial_noise_keys(init_same_noise, seed, prompt_key, g):
@@ -282,4 +283,5 @@ def rollout(
         group=group,
         prompts=[p for p in prompts for _ in range(G)],
         images=images,
+        clean=x,  # after the last (deterministic) step: sigma 0
     )

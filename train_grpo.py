@@ -290,12 +290,18 @@ def load_policy(args: Args, device, inference_dtype):
     ref = None  # a LoRA run's reference is its own base, the adapter off
     if args.beta > 0:
         ref = lora.AdapterOff(policy) if args.lora_rank else deepcopy(policy).requires_grad_(False).eval()
-    if dist.is_initialized() and not args.lora_rank:  # LoRA: every rank holds the whole frozen base
+    shard_policy(policy, ref, args, device)
+    params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: all, or the adapter's
+    return model, policy, ref, params
+
+
+def shard_policy(policy, ref, args: Args, device):
+    """Under torchrun, FSDP2 shards a full fine-tune's policy and reference per block; a LoRA run's ranks each
+    hold the whole frozen base and average the adapter's gradients instead (clip_gradients)."""
+    if dist.is_initialized() and not args.lora_rank:
         shard(policy, device)
         if ref is not None:
             shard(ref, device)
-    params = [p for p in policy.parameters() if p.requires_grad]  # after sharding: all, or the adapter's
-    return model, policy, ref, params
 
 
 def print_settings(args: Args, world: int, params, objective_lines, start: int):

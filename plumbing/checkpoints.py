@@ -33,7 +33,7 @@ import torch.distributed.checkpoint.state_dict as dsd
 from plumbing import lora
 from plumbing.runtime import UsageError, gather_objects, print0, writable_dir
 
-# The flags that define a run, with the chunk flags (chunk_* and num_chunks, found by name in
+# The flags that define a run, with the objectives' own (chunk_*, num_chunks, awm_*: found by name in
 # load_checkpoint); all others may change on --resume: run length, logging, memory (batch sizes, device) and
 # the optimizer, whose lr, betas and weight decay from the command line replace the restored ones.
 RUN_FIELDS = (
@@ -297,9 +297,10 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
     path, model_sd, state = checkpoint
     now = {k: loadable(v) for k, v in asdict(args).items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
-    chunk_fields = sorted(f for f in {**state["args"], **now} if f.startswith("chunk_") or f == "num_chunks")
+    own = ("chunk_", "awm_", "num_chunks")  # the flags of an objective: train_chunk.py's, train_awm.py's
+    objective_fields = sorted(f for f in {**state["args"], **now} if f.startswith(own))
     saved = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), **state["args"]}  # saved before LoRA
-    changed = changed_flags(saved, now, RUN_FIELDS + chunk_fields)
+    changed = changed_flags(saved, now, RUN_FIELDS + objective_fields)
     if len(state["rng"]) != world:
         changed.append(f"world size {len(state['rng'])} -> {world}")
     if changed:

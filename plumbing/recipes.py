@@ -97,6 +97,30 @@ CHUNK["sd35"] |= dict(chunk_sizes=(1, 2, 2, 4))  # T = 9
 CHUNK["dance"] |= dict(chunk_sizes=(2, 3, 4, 6))  # T = 15
 CHUNK["dance-lora"] |= dict(chunk_sizes=(1, 2, 3, 5))  # T = 11
 
+# train_awm.py: the same rollouts, AWM's loss and its hyper-parameters (github
+# scxue/advantage_weighted_matching, config/dgx_awm.py): LoRA r 32 / alpha 64 at lr 3e-4, grad norm 1.0,
+# advantages over one std of the whole batch, one optimizer step per rollout batch, 6 of 14 sigmas trained.
+# Its PickScore run on SD3.5-M: KL to the base 1e-4; rollouts here stay Flow-GRPO's (AWM samples 14 ODE steps
+# without CFG), training 6 of their 9 sigmas. The toy preset is train_grpo.py's, the loss AWM's.
+AWM = {
+    "toy": TRAIN["toy"] | dict(output_dir="runs/toy-awm"),
+    "sd35": TRAIN["sd35"]
+    | dict(beta=1e-4, timestep_fraction=0.67, gradient_accumulation_steps=144, output_dir="runs/sd35-awm"),
+    # GCPO's FLUX.1-dev rollouts (the defaults) with Flow-Factory's FLUX AWM config (arXiv 2602.12529,
+    # examples/awm/lora/flux1/default.yaml: LoRA r 64 / alpha 128, no KL, 4 of 10 sigmas) and AWM's lr,
+    # grad norm, batch std and one optimizer step per rank's 24 trajectories.
+    "flux": dict(
+        lora_rank=64,
+        lora_alpha=128,
+        learning_rate=3e-4,
+        max_grad_norm=1.0,
+        adv_std="batch",
+        timestep_fraction=0.4,
+        gradient_accumulation_steps=24,
+        output_dir="runs/flux-awm",
+    ),
+}
+
 EVAL = {
     # The toy model samples with its training schedule (17 steps, shift 3); hybrid 10 of 17 is GCPO's 30/50.
     "toy": dict(

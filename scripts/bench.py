@@ -1,6 +1,5 @@
 """
-What a training iteration costs, phase by phase, against the transformer compute it needs (in the spirit of
-nanoGPT's bench.py).
+What a training iteration costs, phase by phase, against the compute it needs (as nanoGPT's bench.py).
 
     python -m scripts.bench                                        # CPU: the toy model's shapes, < 1 min
     python -m scripts.bench --model tiny                           # CPU: a tiny FLUX with a VAE, seconds
@@ -9,15 +8,14 @@ nanoGPT's bench.py).
     torchrun --nproc_per_node 8 -m scripts.bench --model flux-dev  # 8 GPUs: GCPO's full fine-tune, FSDP2
 
 Each model is a transformer of its published configuration with random weights, given random prompt embeddings
-of the real shapes: nothing is downloaded and no text encoder runs (T5-XXL's 4.8 TFLOP for a 512-token prompt
-are 0.03% of a FLUX iteration; decoding, which runs through the real VAE architecture, 0.3%). The settings are
-the trainers' recipe for the model (plumbing/recipes.py; flux-dev: GCPO's), changed by the flags. An iteration
-runs the trainers' code: sampler.rollout, random rewards through compute_advantages, the step or chunk
-objective, clipping and AdamW. After each timed phase its compute floor runs: the transformer passes it needs
-and nothing else (rollout: num_steps forwards of each rollout batch; train: forward + backward of the
-transitions trained, --train-batch-size at a time, and the KL reference's forward), so wall/floor prices all
-the rest. FLOPs are counted on one row by torch's FlopCounterMode (no recomputation: the usual MFU
-convention). Rank 0 prints.
+of the real shapes: nothing is downloaded and no text encoder runs (T5-XXL's 4.8 TFLOP for 512 tokens are
+0.03% of a FLUX iteration; decoding, through the real VAE, 0.3%). The settings are the trainers' recipe for
+the model (plumbing/recipes.py; flux-dev: GCPO's), changed by the flags. An iteration runs the trainers' code:
+sampler.rollout, random rewards through compute_advantages, the step, chunk or AWM objective, clipping and
+AdamW. After each timed phase its compute floor runs: the transformer passes it needs and nothing else
+(rollout: num_steps forwards of each rollout batch; train: forward + backward of the transitions trained,
+--train-batch-size at a time, and the KL reference's forward), so wall/floor prices all the rest. FLOPs:
+torch's FlopCounterMode on one row, without recomputation (the usual MFU convention).
 """
 
 import itertools
@@ -33,12 +31,13 @@ import torch
 import torch.distributed as dist
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 
+import train_awm
 import train_chunk
+import train_grpo
 from plumbing import lora, recipes
 from plumbing.models import FlowModel, flux_velocity, latent_flow_model, toy_latents_to_images
-from plumbing.runtime import Range, UsageError, autocast, print0, run, seed_for, setup_distributed, shard
+from plumbing.runtime import Range, UsageError, autocast, print0, run, seed_for, setup_distributed
 from sampler import mode_defaults, rollout, sampling_settings
-from train_grpo import Learner, clip_gradients, compute_advantages, describe_steps, step_objective
 
 # The transformers. FLUX.1-dev: black-forest-labs/FLUX.1-dev transformer/config.json. SD3.5-M:
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json, as copied into public test code (two
@@ -82,8 +81,8 @@ PEAK_TFLOPS |= {"A800": 312, "L40S": 362, "L4": 121, "RTX 4090": 165}
 class Args:
     model: Literal["toy", "tiny", "flux-dev", "sd35-medium"] = "toy"
     """the architecture and recipe: toy and tiny run on a CPU, flux-dev and sd35-medium on GPUs"""
-    objective: Literal["step", "chunk"] = "chunk"
-    """train_grpo's step-level objective or train_chunk's chunk-level one (with the recipe's layout)"""
+    objective: Literal["step", "chunk", "awm"] = "chunk"
+    """step-level GRPO (train_grpo), chunk-level (train_chunk, the recipe's layout) or AWM (train_awm)"""
     iterations: Annotated[int, Range(">= 1")] = 2
     """timed iterations after an untimed one, each phase followed by its compute floor; the table: medians"""
     # --- shapes (unset: the recipe's) ---
@@ -219,7 +218,7 @@ def iteration(it, learner, objective, optimizer, params, meter, sampling, floors
         return result
 
     def optimizer_step():  # what train_grpo.main does after each objective call
-        clip_gradients(params, t)
+        train_grpo.clip_gradients(params, t)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -242,7 +241,8 @@ def iteration(it, learner, objective, optimizer, params, meter, sampling, floors
         out["rollout floor"] = clock(rollout_passes, device)[1]
     rewards = torch.randn(N, generator=torch.Generator().manual_seed(seed_for(*keys, 2)))  # no reward model
     shaping = dict(adv_std=t.adv_std, slas_gamma=t.slas_gamma, adv_clip_max=t.adv_clip_max)
-    adv = phase("reward", lambda: compute_advantages(rewards.to(device), traj.group, **shaping)[0])  # (N,)
+    advantages = partial(train_grpo.compute_advantages, rewards.to(device), traj.group, **shaping)
+    adv = phase("reward", lambda: advantages()[0])  # (N,)
     kept = torch.ones(N, device=device)  # random rewards: every trajectory kept
     ratios = phase("train", train)
     if floors:
@@ -278,9 +278,10 @@ def table(results, N, t, flops, peak):
 
 
 def main(args: Args):
-    size, names = MODELS[args.model], {f.name for f in fields(train_chunk.ChunkArgs)} - {"model"}
-    given = {k: v for k, v in vars(args).items() if k in names and v not in (None, ())}  # over the recipe
-    t = mode_defaults(replace(train_chunk.ChunkArgs(), **(size.recipe | given)))  # the trainers' Args
+    recipe = train_awm.AWMArgs if args.objective == "awm" else train_chunk.ChunkArgs  # the trainer's Args
+    size, names = MODELS[args.model], {f.name for f in fields(recipe)} - {"model"}
+    given = {k: v for k, v in vars(args).items() if v not in (None, ())}  # over the recipe
+    t = mode_defaults(replace(recipe(), **{k: v for k, v in (size.recipe | given).items() if k in names}))
     device, rank, world = setup_distributed(t)
     cls = SD3Transformer2DModel if size.family == "sd3" else FluxTransformer2DModel
     if device.type == "cpu" and args.model in ("flux-dev", "sd35-medium") and args.device == "auto":
@@ -298,19 +299,19 @@ def main(args: Args):
         lora.add_lora(policy, t.lora_rank, t.lora_alpha, t.lora_targets)
     if t.beta > 0:
         ref = lora.AdapterOff(policy) if t.lora_rank else deepcopy(policy).requires_grad_(False).eval()
-    learner, objective, describe = Learner(model, ref, t), step_objective, describe_steps
+    learner = train_grpo.Learner(model, ref, t)
     flops = count_flops(learner, model.encode_prompts(["x"]))  # before checkpointing: no recomputation
     if t.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    if dist.is_initialized() and not t.lora_rank:
-        shard(policy, device)
-        if ref is not None:
-            shard(ref, device)
+    train_grpo.shard_policy(policy, ref, t, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay)
+    objective, describe = train_grpo.step_objective, train_grpo.describe_steps
     if args.objective == "chunk":
         objective = partial(train_chunk.chunk_objective, sizes=train_chunk.layout(t))
         describe = train_chunk.describe_chunks
+    if args.objective == "awm":
+        objective, describe = train_awm.awm_objective, train_awm.describe_awm
     model.velocity = counted(model.velocity, meter)
     peak, where = args.peak_tflops, f"cpu (threads: {torch.get_num_threads()})"
     if device.type == "cuda":

@@ -11,7 +11,7 @@ about the images). Both runs are then scored on held-out prompts against the bas
     python -m scripts.signal_vs_drift --configs="--learning-rate 1e-4 --beta 0.04" --seeds 0 1
     python -m scripts.signal_vs_drift --trainer train_chunk.py --configs="--chunk-weighted-sampling"
 
-A configuration is a string of train_grpo.py / train_chunk.py flags over `--preset toy` (give it with `=`:
+A configuration is a string of the trainer's flags over `--preset toy` (give it with `=`:
 tyro reads a leading `--` as its own flag). Runs go two at a time (one CPU thread each) and are skipped when
 their last checkpoint exists, so a stopped study resumes. Each line of the table: both deltas and the signal
 with standard errors, and eval.py's drawing measures `fit` and `faint` of both runs (which the verifier
@@ -27,6 +27,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -38,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Args:
     configs: tuple[str, ...] = ("--learning-rate 1e-4",)
     """trainer flags over --preset toy, one string per configuration"""
-    trainer: str = "train_grpo.py"
-    """train_grpo.py or train_chunk.py"""
+    trainer: Literal["train_grpo.py", "train_chunk.py", "train_awm.py"] = "train_grpo.py"
+    """the objective: step-level GRPO, chunk-level GRPO or AWM"""
     num_iterations: int = 30
     """iterations per run (the preset's 64 trajectories each)"""
     seeds: tuple[int, ...] = (0,)
@@ -77,16 +78,19 @@ def train(argv):
     """Run a trainer in this process with the shuffled reward registered: `train TRAINER FLAGS...`."""
     torch.set_num_threads(1)
     import rewards
+    import train_awm
     import train_chunk
     import train_grpo
     from plumbing.runtime import run
 
     rewards.REWARDS["toy_shuffled"] = shuffled_toy_reward
+    trainers = {
+        "train_grpo.py": (train_grpo.main, train_grpo.Args, train_grpo.PRESETS),
+        "train_chunk.py": (train_chunk.main, train_chunk.ChunkArgs, train_chunk.PRESETS),
+        "train_awm.py": (train_awm.main, train_awm.AWMArgs, train_awm.PRESETS),
+    }
     trainer, flags = argv[0], argv[1:]
-    if trainer == "train_chunk.py":
-        run(train_chunk.main, train_chunk.ChunkArgs, train_chunk.PRESETS, flags)
-    else:
-        run(train_grpo.main, train_grpo.Args, train_grpo.PRESETS, flags)
+    run(*trainers[trainer], flags)
 
 
 def job(args, name, config, reward, seed):

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import train_chunk
-from chunking import num_selected
 from plumbing import recipes
 from plumbing.runtime import UsageError
-from sampler import mode_defaults
+from sampler import mode_defaults, num_selected
 from scripts import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +89,15 @@ def test_the_train_floor_runs_as_many_transitions_as_the_objective_trained(monke
     for r in results:
         assert r["rows"] == t["prompts_per_rank"] * t["num_generations"] * k  # counted as the objective ran
         assert r["rollout floor"] > 0 and r["train floor"] > 0 and r["decode"] > 0 and r["optimizer"] > 0
+    check_table(out)
+
+
+def test_the_awm_objective_trains_its_stratified_points(monkeypatch, capsys):
+    results, out = run_bench(monkeypatch, capsys, model="tiny", objective="awm", iterations=1)
+    t = bench.MODELS["tiny"].recipe
+    k = num_selected(t["num_steps"] - 1, 0.5)  # one sigma of each of k strata per trajectory
+    assert f"AWM: {k} of T = {t['num_steps'] - 1} sigmas" in out and "ratio_first 0.0e+00" in out
+    assert all(r["rows"] == t["prompts_per_rank"] * t["num_generations"] * k for r in results)
     check_table(out)
 
 

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD = [
-    "sampler",
-    "chunking",
-    "rewards",
-    "train_grpo",
-    "train_chunk",
-    "eval",
-]  # the top level, nothing else
+# The top level, and nothing else: the design's six files and the likelihood-free objective beside them.
+METHOD = ["sampler", "chunking", "rewards", "train_grpo", "train_chunk", "train_awm", "eval"]
 # The reading order, bottom to top: a module imports only modules of lower layers.
 LAYERS = [
     ["plumbing.toy", "plumbing.recipes"],  # the world, and the published recipes: import nothing of ours
@@ -30,7 +24,7 @@ LAYERS = [
     ["sampler"],  # the SDE and rollouts: the method starts here
     ["chunking", "rewards"],
     ["train_grpo", "eval"],
-    ["train_chunk"],
+    ["train_chunk", "train_awm"],  # the objectives that reuse the loop
     [
         "scripts.bench",
         "scripts.pretrain_toy",
@@ -40,7 +34,7 @@ LAYERS = [
     ],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
-TRAINERS = ("train_grpo.py", "train_chunk.py")
+TRAINERS = ("train_grpo.py", "train_chunk.py", "train_awm.py")
 BUDGET = {"trainer": 450, "other": 350}  # lines
 
 
