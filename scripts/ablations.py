@@ -5,14 +5,14 @@ command reruns the whole study and writes its table and figures; run it again an
     python -m scripts.ablations                   # everything: about 2 h on 2 cores
     python -m scripts.ablations --only step control --seeds 0 --iterations 4 --output-dir /tmp/a
 
-Every run is the toy preset of train_grpo.py or train_chunk.py plus its configuration's flags, one CPU thread
-a process, --jobs processes at once. After training, a run's checkpoints are scored on held-out prompts of the
-toy grammar (17-step ODE; a prompt's noise is fixed by its index, so every model sees the same noise): every
---eval-every iterations on the first --curve-prompts prompts, the last one on --num-prompts. A finished run
-leaves heldout.json; an interrupted one continues from its last checkpoint (--resume).
+Every run is a trainer's toy preset (train_grpo, train_chunk or train_awm) plus its configuration's flags, one
+CPU thread a process, --jobs processes at once. After training, a run's checkpoints are scored on held-out
+prompts of the toy grammar (17-step ODE; a prompt's noise is fixed by its index, so every model sees the same
+noise): every --eval-every iterations on the first --curve-prompts prompts, the last one on --num-prompts. A
+finished run leaves heldout.json; an interrupted one continues from its last checkpoint (--resume).
 
-Writes --output-dir/{table.md, results.json} and, with matplotlib installed, assets/ablation_curves.png
-(held-out and training reward per configuration, mean over seeds +- 1 std) and assets/ablation_sweep.png.
+Writes --output-dir/{table.md, results.json} and, with matplotlib, assets/ablation_{curves,sweep}.png
+(held-out and training reward per configuration, mean over seeds +- 1 std; the sweep of chunk sizes).
 """
 
 import json
@@ -53,6 +53,7 @@ STUDY = {
     "chunk-weighted-slas-0.5": ("train_chunk.py", W + ["--slas-gamma", "0.5"], "chunk-weighted, SLAS 0.5"),
     "chunk-weighted-slas-1.0": ("train_chunk.py", W + ["--slas-gamma", "1.0"], "chunk-weighted, SLAS 1.0"),
     "step-batch-std": ("train_grpo.py", ["--adv-std", "batch"], "step-level, Flow-GRPO's batch std"),
+    "awm": ("train_awm.py", [], "AWM: the likelihood-free objective on the same rollouts"),
 }
 SIZES = (1, 2, 4, 8, 16)  # uniform chunk sizes over T = 16: 1 is step-level, 16 sequence-level
 SWEEP = {
@@ -60,8 +61,7 @@ SWEEP = {
     for s in SIZES
 }
 CONFIGS = STUDY | SWEEP
-# The paper's claims as paired comparisons (A, B): A - B per seed, the two runs seeing the same prompts and
-# the same first noise.
+# The paper's claims as paired comparisons (A, B): A - B per seed, both runs with the same prompts and noise.
 CLAIMS = [
     ("chunk-level beats step-level", "chunk", "step"),
     ("weighted chunk selection helps", "chunk-weighted", "chunk"),
@@ -74,6 +74,7 @@ CLAIMS = [
     ("SLAS 1.0 helps chunk-weighted", "chunk-weighted-slas-1.0", "chunk-weighted"),
     ("batch std vs group std (step-level)", "step-batch-std", "step"),
     ("chunks of size 1 are step-level (must be ~0)", "size-1", "step"),
+    ("likelihood-free AWM vs step-level GRPO", "awm", "step"),
 ]
 CATEGORIES = ("single_object", "counting", "position", "two_object", "relation")
 

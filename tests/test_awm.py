@@ -142,3 +142,11 @@ def test_torchrun_two_ranks_on_a_tiny_flux(tmp_path, tiny_flux_dir):
     trained = weights(tmp_path / "checkpoints" / "iter_00002" / "transformer")
     base = weights(Path(tiny_flux_dir) / "transformer")
     assert trained.keys() == base.keys() and any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_a_lora_run_with_a_kl_term_trains_its_adapter(tmp_path):
+    lora = ["--lora-rank", "4", "--lora-alpha", "8", "--beta", "0.01", "--learning-rate", "1e-3"]
+    train("train_awm.py", tmp_path, "--num-iterations", "1", *lora)
+    check_run(tmp_path, 1)
+    adapter = weights(tmp_path / "checkpoints" / "iter_00001" / "lora")
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
