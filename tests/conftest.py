@@ -170,3 +170,17 @@ def tiny_sd3_dir(tmp_path_factory):
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_flux_dir):
+    """A tiny FLUX, 6 trajectories (2 prompts x 3, 7 steps: T = 6 trainable) and made-up advantages;
+    one per test module, which may nudge the model's weights."""
+    from plumbing.models import load_model
+    from sampler import rollout
+
+    torch.manual_seed(0)
+    model = load_model(tiny_flux_dir, height=32, width=32)
+    traj = rollout(model, ["a red circle", "two blue squares"], num_generations=3, num_steps=7, seed=0)
+    adv = torch.tensor([1.0, -0.5, 0.3, -2.0, 0.7, 1.5])
+    return model, traj, adv

@@ -9,21 +9,12 @@ import pytest
 import torch
 
 from plumbing.models import load_model
-from sampler import mode_defaults, rollout
+from sampler import mode_defaults
 from test_train import check_run, metrics, train, weights
 from train_awm import AWMArgs, awm_loss, stratified_steps
 from train_grpo import Learner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_flux_dir):
-    torch.manual_seed(0)
-    model = load_model(tiny_flux_dir, height=32, width=32)
-    traj = rollout(model, ["a red circle", "two blue squares"], num_generations=3, num_steps=7, seed=0)
-    adv = torch.tensor([1.0, -0.5, 0.3, -2.0, 0.7, 1.5])
-    return model, traj, adv
 
 
 def gradient(model):

@@ -5,7 +5,7 @@ import torch
 
 from chunking import chunk_bounds
 from plumbing.models import load_model
-from sampler import mode_defaults, rollout
+from sampler import mode_defaults
 from train_chunk import ChunkArgs, chunk_loss, first_fit_batches
 from train_grpo import Args, Learner, compute_advantages, step_loss
 
@@ -42,15 +42,6 @@ def test_slas_gamma_zero_is_std_free_advantage_over_batch_std_and_shaping_keeps_
     assert torch.equal(shaped.argsort(), d.argsort())
     expected = d.sign() * d.abs() ** 1.5
     torch.testing.assert_close(shaped, expected / expected.std())
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_flux_dir):
-    torch.manual_seed(0)
-    model = load_model(tiny_flux_dir, height=32, width=32)
-    traj = rollout(model, ["a red circle", "two blue squares"], num_generations=3, num_steps=7, seed=0)
-    adv = torch.tensor([1.0, -0.5, 0.3, -2.0, 0.7, 1.5])
-    return model, traj, adv
 
 
 def grads_of(model, fn):
