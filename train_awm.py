@@ -5,11 +5,12 @@ Advantage Weighted Matching (AWM): a likelihood-free objective on the rollouts o
     python train_awm.py --preset sd35                        # 1 GPU: AWM's SD3.5-M PickScore recipe (LoRA)
     torchrun --nproc_per_node 8 train_awm.py --preset flux   # 8 GPUs: GCPO's FLUX.1-dev rollouts, AWM's LoRA
 
-AWM (Xue et al. 2025, arXiv 2509.25050; code github scxue/advantage_weighted_matching) observes that the
-per-step Gaussian log-likelihood GRPO ratios (sampler.sde_step) is, up to the Euler-Maruyama error, denoising
-score matching conditioned on the *noisy* next state x_{t-dt}: the same minimiser as matching the clean
-sample, with extra variance in its target. It drops the likelihood and trains the pretraining loss itself,
-flow matching on the rollout's clean latent x0, freshly re-noised, each sample weighted by its advantage:
+AWM (Xue et al. 2025, arXiv 2509.25050; code github scxue/advantage_weighted_matching) observes that
+maximising the per-step Gaussian log-likelihood that GRPO ratios (sampler.sde_step) is, up to the
+Euler-Maruyama error, denoising score matching conditioned on the *noisy* next state x_{t-dt}: the same
+minimiser as matching the clean sample, with extra variance in its target. It drops the likelihood and trains
+the pretraining loss itself, flow matching on the rollout's clean latent x0, freshly re-noised, each sample
+weighted by its advantage:
 
     x_t  = (1 - t) x0_i + t eps,   eps ~ N(0, I) fresh, t from the sampler's own sigma grid
     d_it = mean over latent elements of (v_theta(x_t, t) - (eps - x0_i))^2
@@ -26,8 +27,9 @@ the rewards, group-relative advantages clipped to --adv-clip-max, the KL to the 
 the velocities at the re-noised points, as AWM computes it), the loop, LoRA, torchrun, resume. Dropped: the
 importance ratio and its clip (AWM's code keeps a ratio that is 1 by construction on-policy; the `ratio`
 metrics here are 1 and ratio_first 0), and log pi_old. Not implemented: AWM's second proximal term, a squared
-distance to an EMA of recent policies (its "ema" adapter, decay ramped to 0.3): it needs a third copy of the
-policy in every checkpoint; our runs take few optimizer steps per rollout, which is what it guards.
+distance to an EMA of recent policies (its "ema" adapter, decay ramped to 0.3), which would need a third copy
+of the policy in every checkpoint. On the toy, AWM without it gains held-out reward and, later, paints a faint
+texture (README, Results): that term is the first lever to try against it.
 """
 
 from dataclasses import dataclass
