@@ -2,17 +2,21 @@
 Chunk-GRPO's ablations (arXiv 2510.21583) on the toy world, with seeds, a control and learning curves. One
 command reruns the whole study and writes its table and figures; run it again and it resumes where it stopped.
 
-    python -m scripts.ablations                   # everything: about 2 h on 2 cores
+    python -m scripts.ablations                   # everything: about 1 h 40 min on 2 cores
     python -m scripts.ablations --only step control --seeds 0 --iterations 4 --output-dir /tmp/a
 
 Every run is a trainer's toy preset (train_grpo, train_chunk or train_awm) plus its configuration's flags, one
 CPU thread a process, --jobs processes at once. After training, a run's checkpoints are scored on held-out
 prompts of the toy grammar (17-step ODE; a prompt's noise is fixed by its index, so every model sees the same
-noise): every --eval-every iterations on the first --curve-prompts prompts, the last one on --num-prompts. A
-finished run leaves heldout.json; an interrupted one continues from its last checkpoint (--resume).
+noise): every --eval-every iterations on the first --curve-prompts prompts, the last one on --num-prompts,
+with the verifier's reward, its strict accuracy and two measures of clean drawing it does not read (eval.py's
+`fit` and `faint`). A finished run leaves heldout.json; an interrupted one continues from its last checkpoint.
 
 Writes --output-dir/{table.md, results.json} and, with matplotlib, assets/ablation_{curves,sweep}.png
-(held-out and training reward per configuration, mean over seeds +- 1 std; the sweep of chunk sizes).
+(held-out and training reward per configuration, mean over seeds +- 1 std; the sweep of chunk sizes). The
+table has, per configuration, the share of clipped ratios and their spread (at the presets the clip never
+binds; the `-8x` settings make it bind), and, under the claims, the seeds' power: the pooled SD of the paired
+differences, the seeds a difference of 0.01 needs and the smallest difference the seeds run can detect.
 """
 
 import json
@@ -35,12 +39,13 @@ from plumbing.checkpoints import checkpoints
 from plumbing.models import load_model
 from plumbing.prompts import PromptSource
 from plumbing.recipes import EVAL
-from plumbing.tables_and_figures import geneval_breakdown
+from plumbing.tables_and_figures import geneval_breakdown, plot_seed_curves, seed_power, t_quantile
 from rewards import build_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 W = ["--chunk-weighted-sampling"]
 GCPO_LAYOUT = ["--chunk-layout", "fixed", "--chunk-sizes", "2", "3", "4", "7"]
+BIND = ["--gradient-accumulation-steps", "8", "--clip-range", "1e-4"]
 # name: (trainer, flags, what it is). The toy chunk preset cuts the toy model's own L1rel curve into 4 chunks.
 STUDY = {
     "step": ("train_grpo.py", [], "step-level GRPO"),
@@ -54,6 +59,11 @@ STUDY = {
     "chunk-weighted-slas-1.0": ("train_chunk.py", W + ["--slas-gamma", "1.0"], "chunk-weighted, SLAS 1.0"),
     "step-batch-std": ("train_grpo.py", ["--adv-std", "batch"], "step-level, Flow-GRPO's batch std"),
     "awm": ("train_awm.py", [], "AWM: the likelihood-free objective on the same rollouts"),
+    # Where the clip binds: 8 optimizer steps per rollout batch (of 8 trajectories each, not 2 of 32) and
+    # Flow-GRPO's clip 1e-4; at the presets' 2 steps and clip 1e-3 no ratio leaves 1 +- 1e-3.
+    "step-8x": ("train_grpo.py", BIND, "step-level, 8 optimizer steps per rollout, clip 1e-4"),
+    "chunk-weighted-8x": ("train_chunk.py", W + BIND, "chunk-weighted, 8 optimizer steps, clip 1e-4"),
+    "control-8x": ("train_chunk.py", W + ["--chunk-ratio", "step"] + BIND, "control, 8 steps, clip 1e-4"),
 }
 SIZES = (1, 2, 4, 8, 16)  # uniform chunk sizes over T = 16: 1 is step-level, 16 sequence-level
 SWEEP = {
@@ -75,7 +85,14 @@ CLAIMS = [
     ("batch std vs group std (step-level)", "step-batch-std", "step"),
     ("chunks of size 1 are step-level (must be ~0)", "size-1", "step"),
     ("likelihood-free AWM vs step-level GRPO", "awm", "step"),
+    ("8 optimizer steps per rollout vs 2 (step-level)", "step-8x", "step"),
+    ("chunk-weighted beats step-level, clip binding", "chunk-weighted-8x", "step-8x"),
+    ("the shared chunk ratio and clip matter, clip binding", "chunk-weighted-8x", "control-8x"),
 ]
+# Pairs that take the same gradient to 1e-4 unless the clip binds: their differences are ~0 by construction,
+# so the power estimate (the SD of the other claims' differences, pooled) leaves them out.
+SAME_GRADIENT = {("chunk-weighted", "control"), ("size-1", "step")}
+SCORES = {"reward": "toy", "strict": "strict", "fit": "fit", "faint": "faint"}  # heldout.json's: eval's names
 CATEGORIES = ("single_object", "counting", "position", "two_object", "relation")
 
 
@@ -83,9 +100,9 @@ CATEGORIES = ("single_object", "counting", "position", "two_object", "relation")
 class Args:
     iterations: int = 16
     """training iterations of every run (the toy presets run 100; shortened so the study fits ~2 h)"""
-    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """seeds of each configuration"""
-    sweep_seeds: tuple[int, ...] = (0, 1)
+    sweep_seeds: tuple[int, ...] = (0, 1, 2)
     """seeds of each chunk size of the sweep"""
     jobs: int = 2
     """runs at once, one CPU thread each"""
@@ -93,7 +110,7 @@ class Args:
     """iterations between the held-out points of the learning curves (and between checkpoints)"""
     curve_prompts: int = 200
     """held-out prompts of each intermediate point of the curves"""
-    num_prompts: int = 1000
+    num_prompts: int = 500
     """held-out prompts of the base and of each run's last checkpoint (the table)"""
     only: tuple[str, ...] = ()
     """run and report only these configurations (names in scripts/ablations.py); default: all"""
@@ -107,12 +124,13 @@ class Args:
 
 # ----------------------------------------------------------------------------- one job
 def score(model, reward_fn, folder, prompts, label):
-    """Per-prompt held-out reward and 0/1 strict accuracy of the toy model (folder None: the base)."""
+    """Per-prompt held-out reward, 0/1 strict accuracy and the drawing's `fit` and `faint` (eval.py's
+    drawing_quality, which the verifier does not read) of the toy model (folder None: the base)."""
     args = ev.Args(**EVAL["toy"])
     rows = [(label, folder, args.num_steps)]
     records, _ = ev.evaluate(model, rows, prompts, reward_fn, args, toy_world=True)
     records.sort(key=lambda r: r["prompt_index"])
-    return [r["scores"]["toy"] for r in records], [r["scores"]["strict"] for r in records]
+    return {key: [r["scores"][name] for r in records] for key, name in SCORES.items()}
 
 
 def run_job(args: Args, job: str):
@@ -124,8 +142,7 @@ def run_job(args: Args, job: str):
     model = load_model("toy", quantize_timestep=True)  # loaded once for every score of the job
     reward_fn = build_reward(["toy"])
     if job == "base":
-        reward, strict = score(model, reward_fn, None, prompts, "base")
-        points = {"0": {"reward": reward, "strict": strict}}
+        points = {"0": score(model, reward_fn, None, prompts, "base")}
     else:
         name, seed = job.split(":")
         trainer, flags, _ = CONFIGS[name]
@@ -136,10 +153,9 @@ def run_job(args: Args, job: str):
         points = {}
         found = checkpoints(out)
         for ckpt in found:
-            last = ckpt == found[-1]
-            subset = prompts if last else prompts[: args.curve_prompts]
-            reward, strict = score(model, reward_fn, ckpt / "transformer", subset, ckpt.name)
-            points[str(int(ckpt.name.split("_")[1]))] = {"reward": reward, "strict": strict}
+            subset = prompts if ckpt == found[-1] else prompts[: args.curve_prompts]
+            it = str(int(ckpt.name.split("_")[1]))
+            points[it] = score(model, reward_fn, ckpt / "transformer", subset, ckpt.name)
     record = {"job": job, "seconds": time.perf_counter() - start, "points": points}
     out.mkdir(parents=True, exist_ok=True)
     (out / "heldout.json").write_text(json.dumps(record))
@@ -182,6 +198,8 @@ def load_runs(args: Args, names):
             record = json.loads(path.read_text())
             metrics = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
             record["train"] = [m["reward"] for m in metrics]
+            record["clip"] = [m["clip_frac"] for m in metrics]  # of every optimizer step's unit ratios
+            record["ratio_rms"] = [(2 * m["approx_kl"]) ** 0.5 for m in metrics]  # sqrt(mean (log r)^2)
             runs.setdefault(name, {})[seed] = record
     return runs
 
@@ -191,7 +209,9 @@ def summarize(args: Args, names) -> dict:
     prompts = PromptSource("toy:heldout", toy_split="heldout").head(args.num_prompts)
     cats = [toy.category(p) for p in prompts]
     r0 = torch.tensor(base["reward"], dtype=torch.float64)
+    drawing = lambda p: {k: mean(p[k]) if k in p else math.nan for k in ("fit", "faint")}  # noqa: E731
     out = {"base": {"reward": r0.mean().item(), "categories": breakdown(base["strict"], cats)}, "configs": {}}
+    out["base"] |= drawing(base)
     for name, seeds in load_runs(args, names).items():
         rows = {}
         for seed, rec in sorted(seeds.items()):
@@ -206,14 +226,15 @@ def summarize(args: Args, names) -> dict:
                 "curve_base": mean(base["reward"][: args.curve_prompts]),
                 "train": rec["train"],
                 "minutes": rec["seconds"] / 60,
+                "clip": mean(rec["clip"]),
+                "clip_max": max(rec["clip"]),
+                "ratio_rms": mean(rec["ratio_rms"]),
+                **drawing(final),
             }
         out["configs"][name] = {"description": CONFIGS[name][2], "seeds": rows}
     return out
 
 
-# Student's t 97.5% quantiles (df 1-10), then z + (z^3 + z) / 4 df (< 1.5% off): a paired t-test at 5%
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-t975 = lambda df: T975[df - 1] if df <= len(T975) else 1.96 + (1.96**3 + 1.96) / (4 * df)  # noqa: E731
 mean = lambda x: sum(x) / len(x)  # noqa: E731
 
 
@@ -228,80 +249,58 @@ def markdown(summary: dict, args: Args) -> str:
         f"Toy world, {args.iterations} iterations per run; held-out: {args.num_prompts} prompts, 17-step "
         f"ODE, the same noise for every model. Base: reward {summary['base']['reward']:.3f}. Delta = "
         "held-out reward minus the base's, paired by prompt; mean +- standard error over seeds (SD: the "
-        "seeds' spread; paired SE: the evaluation's own error of one run, averaged).",
+        "seeds' spread; paired SE: the evaluation's own error of one run, averaged). Clipped: the share of "
+        "trained units (steps or chunks) whose ratio left 1 +- clip, over all iterations (and the worst "
+        "iteration); RMS log r: the ratios' spread, sqrt of the mean (log r)^2, in units of 1e-4.",
         "",
-        "| configuration | seeds | Delta reward | SD | paired SE | per seed | strict | "
-        + " | ".join(CATEGORIES)
+        "| configuration | seeds | Delta reward | SD | paired SE | per seed | clipped % | RMS log r | "
+        + " | ".join(("strict", *CATEGORIES, "fit", "faint %"))
         + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES),
+        "|---" * (11 + len(CATEGORIES)) + "|",
     ]
     accuracy = lambda cats: " | ".join(f"{cats[k]:.3f}" for k in ("overall", *CATEGORIES))  # noqa: E731
-    lines.append(f"| base | - | - | - | - | - | {accuracy(summary['base']['categories'])} |")
+    quality = lambda fit, faint: f"{fit:.3f} | {100 * faint:.1f}"  # noqa: E731
+    base = summary["base"]
+    drawn = quality(base["fit"], base["faint"])
+    lines.append(f"| base | - | - | - | - | - | - | - | {accuracy(base['categories'])} | {drawn} |")
     for name, c in configs.items():
         seeds = c["seeds"].values()
         m, sd, se = mean_sd_se([s["delta"] for s in seeds])
         pse = mean([s["delta_se"] for s in seeds])
         cats = {k: mean([s["categories"][k] for s in seeds]) for k in ("overall", *CATEGORIES)}
         per_seed = " ".join(f"{s['delta']:+.3f}" for s in seeds)
-        row = f"| {name} | {len(seeds)} | {m:+.3f} +- {se:.3f} | {sd:.3f} | {pse:.3f} | {per_seed} | "
-        lines.append(row + accuracy(cats) + " |")
-    lines += ["", "| claim | A - B | paired by seed: mean +- SE | seeds | reading |", "|---|---|---|---|---|"]
+        clip = f"{100 * mean([s['clip'] for s in seeds]):.2f} ({100 * max(s['clip_max'] for s in seeds):.1f})"
+        ratios = f"{clip} | {1e4 * mean([s['ratio_rms'] for s in seeds]):.2f}"
+        row = (
+            f"| {name} | {len(seeds)} | {m:+.3f} +- {se:.3f} | {sd:.3f} | {pse:.3f} | {per_seed} | {ratios} |"
+        )
+        drawn = quality(mean([s["fit"] for s in seeds]), mean([s["faint"] for s in seeds]))
+        lines.append(f"{row} {accuracy(cats)} | {drawn} |")
+    lines += ["", "| claim | A - B | paired by seed: mean +- SE | SD | seeds | reading |", "|---" * 6 + "|"]
+    diffs_of = {}
     for claim, a, b in CLAIMS:
         if a not in configs or b not in configs:
             continue
         common = sorted(set(configs[a]["seeds"]) & set(configs[b]["seeds"]))
         diffs = [configs[a]["seeds"][s]["delta"] - configs[b]["seeds"][s]["delta"] for s in common]
-        m, _, se = mean_sd_se(diffs)
+        if (a, b) not in SAME_GRADIENT:
+            diffs_of[claim] = diffs
+        m, sd, se = mean_sd_se(diffs)
         reading = "too few seeds" if len(diffs) < 2 else "no difference detected"
-        if len(diffs) > 1 and abs(m) > t975(len(diffs) - 1) * se:
-            reading = f"{a} {'higher' if m > 0 else 'lower'} (|t| > {t975(len(diffs) - 1):.2f})"
-        lines.append(f"| {claim} | {a} - {b} | {m:+.3f} +- {se:.3f} | {len(diffs)} | {reading} |")
-    return "\n".join(lines) + "\n"
+        if len(diffs) > 1 and abs(m) > t_quantile(0.975, len(diffs) - 1) * se:
+            reading = f"{a} {'higher' if m > 0 else 'lower'} (|t| > {t_quantile(0.975, len(diffs) - 1):.2f})"
+        lines.append(f"| {claim} | {a} - {b} | {m:+.3f} +- {se:.3f} | {sd:.3f} | {len(diffs)} | {reading} |")
+    return "\n".join(lines) + "\n\n" + seed_power(list(diffs_of.values()))
 
 
 def plot(summary: dict, args: Args):
-    """ablation_curves.png: held-out and training reward per configuration; ablation_sweep.png: the sweep."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("figures skipped: matplotlib is not installed (pip install matplotlib)")
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = {"ablation_curves.png": list(STUDY), "ablation_sweep.png": list(SWEEP)}
-    for filename, names in groups.items():
-        names = [n for n in names if n in summary["configs"]]
-        if not names:
-            continue
-        fig, (held, train) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for i, name in enumerate(names):
-            seeds = list(summary["configs"][name]["seeds"].values())
-            colour, style = f"C{i % 10}", "-" if i < 10 else "--"
-            its = sorted({int(k) for s in seeds for k in s["curve"]})
-            its = [it for it in its if all(str(it) in s["curve"] for s in seeds)]
-            y = torch.tensor([[0.0] + [s["curve"][str(it)] - s["curve_base"] for it in its] for s in seeds])
-            x = [0, *its]
-            held.plot(x, y.mean(0), style, color=colour, marker="o", ms=3, label=name)
-            if len(seeds) > 1:
-                held.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=colour, alpha=0.12)
-            t = torch.tensor([s["train"] for s in seeds])
-            k = min(5, t.shape[1])  # a running mean: one iteration's 64 images are a noisy reading
-            smooth = torch.nn.functional.avg_pool1d(t[:, None], k, 1).squeeze(1)
-            xs = torch.arange(smooth.shape[1]) + k
-            train.plot(xs, smooth.mean(0), style, color=colour, label=name)
-            if len(seeds) > 1:
-                m, sd = smooth.mean(0), smooth.std(0)
-                train.fill_between(xs, m - sd, m + sd, color=colour, alpha=0.12)
-        held.axhline(0, color="k", lw=0.8)
-        held.set(xlabel="iteration", ylabel="held-out reward - base (first prompts, ODE)")
-        train.set(xlabel="iteration", ylabel=f"training reward ({k}-iteration mean)")
-        held.legend(fontsize=7)
-        fig.tight_layout()
-        Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(args.figures_dir, filename), dpi=110)
-        plt.close(fig)
-        print(f"wrote {Path(args.figures_dir, filename)}")
+    """ablation_curves.png: held-out and training reward of the study's configurations; ablation_sweep.png:
+    the chunk sizes'."""
+    Path(args.figures_dir).mkdir(parents=True, exist_ok=True)
+    for filename, group in {"ablation_curves.png": STUDY, "ablation_sweep.png": SWEEP}.items():
+        names = [n for n in group if n in summary["configs"]]
+        if names:
+            plot_seed_curves(Path(args.figures_dir, filename), summary["configs"], names)
 
 
 # ----------------------------------------------------------------------------- main

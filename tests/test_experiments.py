@@ -53,6 +53,37 @@ def test_an_unknown_configuration_is_refused_with_the_names(tmp_path):
     assert proc.returncode == 1 and "unknown configuration" in proc.stderr and "chunk-weighted" in proc.stderr
 
 
+def test_the_power_of_the_seeds_by_simulation():
+    """A paired two-sided t-test at 5% (t_quantile) rejects 5% of null experiments, and ~80% of experiments
+    whose true difference is minimum_detectable (the normal-shift formula is a little low at few seeds)."""
+    import torch
+
+    from plumbing.tables_and_figures import minimum_detectable, t_quantile
+
+    for n in (3, 5, 15):  # the table (df 2, 4) and the expansion beyond it (df 14)
+        gen = torch.Generator().manual_seed(n)
+        rates = []
+        for true in (0.0, minimum_detectable(0.5, n)):
+            x = 0.5 * torch.randn(40_000, n, generator=gen, dtype=torch.float64) + true
+            t = x.mean(1) / (x.std(1) / n**0.5)
+            rates.append((t.abs() > t_quantile(0.975, n - 1)).double().mean().item())
+        assert abs(rates[0] - 0.05) < 0.006
+        assert 0.74 < rates[1] < 0.84 and (n < 5 or rates[1] > 0.78)
+
+
+def test_pooled_sd_and_the_seeds_needed():
+    import torch
+
+    from plumbing.tables_and_figures import minimum_detectable, pooled_sd, seeds_needed
+
+    samples = [[0.1, 0.3, 0.2], [1.0, 1.4], [5.0]]  # a one-seed sample has no spread to give
+    residuals = torch.tensor([-0.1, 0.1, 0.0, -0.2, 0.2], dtype=torch.float64)
+    sd, df = pooled_sd(samples)
+    assert df == 3 and abs(sd - (residuals.square().sum() / 3).sqrt().item()) < 1e-12
+    n = seeds_needed(0.01, 0.01)
+    assert minimum_detectable(0.01, n) <= 0.01 < minimum_detectable(0.01, n - 1)
+
+
 def test_the_shuffled_twin_keeps_each_groups_rewards_and_drops_their_images():
     import torch
 
