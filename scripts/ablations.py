@@ -2,7 +2,7 @@
 Chunk-GRPO's ablations (arXiv 2510.21583) on the toy world, with seeds, a control and learning curves. One
 command reruns the whole study and writes its table and figures; run it again and it resumes where it stopped.
 
-    python -m scripts.ablations                   # everything: about 1 h 40 min on 2 cores
+    python -m scripts.ablations                   # everything: about 2 h on 2 cores
     python -m scripts.ablations --only step control --seeds 0 --iterations 4 --output-dir /tmp/a
 
 Every run is a trainer's toy preset (train_grpo, train_chunk or train_awm) plus its configuration's flags, one
