@@ -60,7 +60,7 @@ STUDY = {
     "step-batch-std": ("train_grpo.py", ["--adv-std", "batch"], "step-level, Flow-GRPO's batch std"),
     "awm": ("train_awm.py", [], "AWM: the likelihood-free objective on the same rollouts"),
     # Where the clip binds: 8 optimizer steps per rollout batch (of 8 trajectories each, not 2 of 32) and
-    # Flow-GRPO's clip 1e-4; at the presets' 2 steps and clip 1e-3 no ratio leaves 1 +- 1e-3.
+    # Flow-GRPO's clip 1e-4; at the presets' 2 steps and clip 1e-3 almost no ratio leaves 1 +- 1e-3.
     "step-8x": ("train_grpo.py", BIND, "step-level, 8 optimizer steps per rollout, clip 1e-4"),
     "chunk-weighted-8x": ("train_chunk.py", W + BIND, "chunk-weighted, 8 optimizer steps, clip 1e-4"),
     "control-8x": ("train_chunk.py", W + ["--chunk-ratio", "step"] + BIND, "control, 8 steps, clip 1e-4"),
