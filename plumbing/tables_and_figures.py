@@ -172,10 +172,10 @@ def seeds_needed(sd: float, difference: float) -> int:
     return next(n for n in range(2, 10**6) if minimum_detectable(sd, n) <= difference)
 
 
-def seed_power(differences: list[list[float]]) -> str:
+def seed_power(differences: list[list[float]], target: float = 0.01) -> str:
     """The seeds' power, in a sentence: the SD of the per-seed differences of several comparisons (each a list
-    over seeds), pooled; the seeds a true difference of 0.01 needs; and the smallest one the seeds run detect,
-    both for a paired two-sided t-test at 5% with 80% power."""
+    over seeds), pooled; the seeds a true difference of `target` needs; and the smallest one the seeds run
+    detect, both for a paired two-sided t-test at 5% with 80% power."""
     sd, df = pooled_sd(differences)
     if df == 0:
         return "Power: fewer than 2 seeds, no estimate."
@@ -183,9 +183,9 @@ def seed_power(differences: list[list[float]]) -> str:
     return (
         f"Power: the per-seed differences A - B have a pooled SD of {sd:.4f} ({df} degrees of freedom, "
         f"{len(differences)} comparisons). A paired two-sided t-test at 5% with 80% power needs "
-        f"{seeds_needed(sd, 0.01)} seeds to detect a true difference of 0.01; with the {n} seeds run, the "
-        f"minimum detectable difference is {minimum_detectable(sd, n):.3f} (an observed mean passes the test "
-        f"once it exceeds {t_quantile(0.975, n - 1) * sd / n**0.5:.3f}).\n"
+        f"{seeds_needed(sd, target)} seeds to detect a true difference of {target:g}; with the {n} seeds "
+        f"run, the minimum detectable difference is {minimum_detectable(sd, n):.3f} (an observed mean passes "
+        f"the test once it exceeds {t_quantile(0.975, n - 1) * sd / n**0.5:.3f}).\n"
     )
 
 
