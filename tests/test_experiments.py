@@ -122,3 +122,39 @@ def test_signal_vs_drift_end_to_end_and_resumed(tmp_path):
     assert (
         again.returncode == 0 and {p: p.stat().st_mtime for p in tmp_path.glob("*.log")} == logs
     )  # not retrained
+
+
+def test_gradient_snr_shuffle_keeps_groups_and_jackknife_matches_brute_force():
+    import torch
+
+    from scripts.gradient_snr import cosines, jackknife_se, shuffle_within_groups
+
+    rewards, group = torch.arange(12.0), torch.arange(3).repeat_interleave(4)  # 3 groups of 4
+    shuffled = shuffle_within_groups(rewards, group, torch.Generator().manual_seed(0))
+    for g in range(3):
+        assert torch.equal(shuffled[group == g].sort().values, rewards[group == g])
+    assert not torch.equal(shuffled, rewards)
+    grads = list(torch.randn(5, 40, generator=torch.Generator().manual_seed(1)) + 0.5)  # 5 "batches"
+    pair = [torch.nn.functional.cosine_similarity(a, b, dim=0).item() for a in grads for b in grads]
+    assert abs(cosines(grads) - (sum(pair) - 5) / 20) < 1e-6  # the mean over the 10 pairs (20 ordered)
+    left_out = [cosines(grads[:i] + grads[i + 1 :]) for i in range(5)]
+    mean = sum(left_out) / 5
+    assert abs(jackknife_se(grads) - (4 / 5 * sum((c - mean) ** 2 for c in left_out)) ** 0.5) < 1e-6
+
+
+def test_gradient_snr_runs_both_estimators(tmp_path):
+    for objective in ("step", "awm"):
+        command = [sys.executable, "-m", "scripts.gradient_snr", "--objective", objective, "--batches", "3"]
+        command += [
+            "--prompts-per-batch",
+            "2",
+            "--num-generations",
+            "2",
+            "--num-steps",
+            "3",
+            "--threads",
+            "1",
+        ]
+        proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "all steps: mean cosine" in proc.stdout and proc.stdout.count("| 1 |") == 1
