@@ -10,6 +10,7 @@ The velocity follows the diffusers convention the sampler's maths assume: v ~ ep
 """
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,8 +124,11 @@ def toy_latents_to_images(latents):
     return (F.pixel_shuffle(x, 2) / 2 + 0.5).clamp(0, 1)  # (N, 3, 32, 32)
 
 
-def toy_flow_model(transformer, text_encoder, tokenizer, max_length, *, device="cpu", dtype=torch.float32):
-    """The toy world's FlowModel: a tiny FLUX transformer in pixel space behind the FLUX adapter."""
+def toy_flow_model(
+    transformer, text_encoder, tokenizer, max_length, *, vae=None, device="cpu", dtype=torch.float32
+):
+    """The toy world's FlowModel: a tiny FLUX transformer behind the FLUX adapter, in pixel space, or with
+    `vae` (an AutoencoderKL) on its packed latents as FLUX itself."""
 
     def encode_prompts(prompts):
         tokens = tokenizer(
@@ -137,6 +141,11 @@ def toy_flow_model(transformer, text_encoder, tokenizer, max_length, *, device="
         pooled_prompt_embeds = out.pooler_output.to(dtype)  # (N, D)
         return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled_prompt_embeds}
 
+    if vae is not None:
+        latent = latent_flow_model(
+            "flux", transformer, vae, encode_prompts, 32, 32, None, device=device, dtype=dtype
+        )
+        return dataclasses.replace(latent, kind="toy")
     velocity = flux_velocity(16, 16, guidance=None, quantize_timestep=True, device=device, dtype=dtype)
     decode = toy_latents_to_images
     return FlowModel(
@@ -153,8 +162,13 @@ def load_toy(path, *, device="cpu", dtype=torch.float32) -> FlowModel:
     transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", dtype=dtype).to(device)
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype).to(device).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
+    vae = None
+    if (path / "vae").is_dir():
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(path / "vae", dtype=dtype).to(device).eval()
     return toy_flow_model(
-        transformer, text_encoder, tokenizer, config["max_length"], device=device, dtype=dtype
+        transformer, text_encoder, tokenizer, config["max_length"], vae=vae, device=device, dtype=dtype
     )
 
 

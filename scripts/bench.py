@@ -35,14 +35,14 @@ import train_awm
 import train_chunk
 import train_grpo
 from plumbing import lora, recipes
-from plumbing.models import FlowModel, flux_velocity, latent_flow_model, toy_latents_to_images
+from plumbing.models import FlowModel, latent_flow_model
 from plumbing.runtime import Range, UsageError, autocast, print0, run, seed_for, setup_distributed
 from sampler import mode_defaults, rollout, sampling_settings
 
 # The transformers. FLUX.1-dev: black-forest-labs/FLUX.1-dev transformer/config.json. SD3.5-M:
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json, as copied into public test code (two
 # independent copies agree: 24 layers, dual attention in the first 13, RMS q/k norm, 2.24B parameters).
-TOY = dict(in_channels=48, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4)
+TOY = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32, num_attention_heads=4)
 TOY |= dict(joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(8, 12, 12))  # assets/toy
 TINY = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2)
 TINY |= dict(joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
@@ -58,15 +58,18 @@ FLUX_VAE = dict(latent_channels=16, block_out_channels=(128, 256, 512, 512), lay
 FLUX_VAE |= dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 FLUX_VAE |= dict(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
 SD35_VAE = FLUX_VAE | dict(scaling_factor=1.5305, shift_factor=0.0609)
+TOY_VAE = dict(latent_channels=4, block_out_channels=(16, 32, 32), norm_num_groups=8)  # assets/toy/vae
+TOY_VAE |= dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+TOY_VAE |= dict(mid_block_add_attention=False)
 TINY_VAE = dict(latent_channels=4, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
 TINY_VAE |= dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-# family: "toy" (pixel space, no VAE), "flux" or "sd3"; text: the prompt embeddings' tokens, width and pooled
-# width; recipe: the trainers' preset whose settings it runs.
+# family: "flux" (the toy too: a FLUX transformer on a VAE's packed latents) or "sd3"; text: the prompt
+# embeddings' tokens, width and pooled width; recipe: the trainers' preset whose settings it runs.
 Size = namedtuple("Size", "family transformer vae text recipe")
 TINY_RUN = dict(prompts_per_rank=2, num_generations=4, num_steps=6, rollout_batch_size=8, train_batch_size=4)
 TINY_RUN |= dict(gradient_accumulation_steps=4, chunk_layout="uniform", chunk_size=2)
 MODELS = {
-    "toy": Size("toy", TOY, None, (12, 64, 64), recipes.CHUNK["toy"]),
+    "toy": Size("flux", TOY, TOY_VAE, (12, 64, 64), recipes.CHUNK["toy"]),
     "tiny": Size("flux", TINY, TINY_VAE, (8, 32, 32), recipes.CHUNK["toy"] | TINY_RUN),  # FLUX's path, fast
     "flux-dev": Size("flux", FLUX_DEV, FLUX_VAE, (512, 4096, 768), {}),  # 512 T5 tokens, CLIP-L's pooled 768
     # 77 CLIP + 256 T5 tokens (StableDiffusion3Pipeline's max_sequence_length), CLIP-L + CLIP-G pooled 2048
@@ -132,18 +135,6 @@ def build(size: Size, cls, t, device, dtype) -> FlowModel:
     def encode_prompts(prompts):  # in place of T5 and CLIP: random embeddings of their shapes, no cost
         return {k: torch.randn((len(prompts), *s), device=device, dtype=dtype) for k, s in shapes.items()}
 
-    if size.family == "toy":  # models.toy_flow_model's: 64 tokens of 4x4 pixels, no VAE
-        velocity = flux_velocity(16, 16, guidance=None, quantize_timestep=True, device=device, dtype=dtype)
-        return FlowModel(
-            "toy",
-            transformer,
-            velocity,
-            encode_prompts,
-            toy_latents_to_images,
-            (64, 48),
-            device,
-            dtype,
-        )
     guidance = t.guidance_scale  # SD3's CFG scale, or FLUX's distilled guidance where it has the embedding
     if size.family == "flux" and not size.transformer.get("guidance_embeds"):
         guidance = None

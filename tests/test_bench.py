@@ -143,3 +143,15 @@ def test_the_published_configurations_fit_together_on_the_meta_device(model, pix
         v = m.velocity(m.transformer, x, torch.rand(2, device="meta"), m.encode_prompts(["a", "b"]))
         images = m.decode(x)
     assert v.shape == x.shape and images.shape == (2, 3, pixels, pixels)
+
+
+def test_the_toy_size_is_the_committed_bundle():
+    import json
+
+    from plumbing.models import TOY_DIR
+
+    for shapes, folder in ((bench.TOY, "transformer"), (bench.TOY_VAE, "vae")):
+        config = json.loads((TOY_DIR / folder / "config.json").read_text())
+        for key, value in shapes.items():
+            expected = list(value) if isinstance(value, tuple) else value
+            assert config[key] == expected, (folder, key)

@@ -289,7 +289,7 @@ def test_a_new_learning_rate_betas_and_weight_decay_are_applied(tmp_path, capsys
     for group in optimizer.param_groups:
         assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.8, 0.9), 0.5)
     assert all(s["step"] == 1 for s in optimizer.state.values())  # the moments are the checkpoint's
-    assert "--learning-rate 3e-05 -> 0.001" in capsys.readouterr().out
+    assert f"--learning-rate {args.learning_rate} -> 0.001" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
