@@ -202,7 +202,7 @@ def plot_seed_curves(path, configs: dict, names: list[str]):
     import matplotlib.pyplot as plt
 
     fig, (held, train) = plt.subplots(1, 2, figsize=(12, 4.5))
-    k = 5  # the training reward's running mean: one iteration's 64 images are a noisy reading
+    k = 5  # the training reward's running mean: one iteration's images are a noisy reading
     for i, name in enumerate(names):
         seeds = list(configs[name]["seeds"].values())
         colour, style = f"C{i % 10}", "-" if i < 10 else "--"

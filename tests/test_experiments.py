@@ -158,3 +158,24 @@ def test_gradient_snr_runs_both_estimators(tmp_path):
         proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "all steps: mean cosine" in proc.stdout and proc.stdout.count("| 1 |") == 1
+
+
+def test_learning_curves_evaluate_every_checkpoint_of_every_seed(tmp_path):
+    flags = ["--preset", "toy", "--num-iterations", "2", "--checkpoint-every", "1", "--image-every", "0"]
+    flags += ["--prompts-per-rank", "2", "--num-generations", "2", "--gradient-accumulation-steps", "4"]
+    for seed in (0, 1):
+        out = tmp_path / f"step-s{seed}"
+        cmd = [sys.executable, "train_grpo.py", *flags, "--seed", str(seed), "--output-dir", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    figure = tmp_path / "curves.png"
+    command = [sys.executable, "-m", "scripts.learning_curves", "--num-prompts", "3", "--out", str(figure)]
+    command += ["--eval-dir", str(tmp_path / "eval"), "--runs"]
+    command += [f"step={tmp_path / 'step-s0'}", f"step={tmp_path / 'step-s1'}"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    points = json.loads(figure.with_suffix(".json").read_text())
+    seeds = points["step"]["seeds"]
+    assert set(seeds) == {"0", "1"} and all(set(s["curve"]) == {"1", "2"} for s in seeds.values())
+    assert all(len(s["train"]) == 2 for s in seeds.values())  # a training reward per iteration
+    assert seeds["0"]["curve"] != seeds["1"]["curve"] or seeds["0"]["train"] != seeds["1"]["train"]

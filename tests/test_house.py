@@ -31,6 +31,7 @@ LAYERS = [
         "scripts.ablations",
         "scripts.gradient_snr",
         "scripts.signal_vs_drift",
+        "scripts.learning_curves",
     ],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
