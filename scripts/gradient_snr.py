@@ -123,7 +123,10 @@ def main(args: Args):
         rows, T = torch.arange(len(adv)), traj.log_probs.shape[1]
         kept = torch.isfinite(r).float()  # (N,) the toy verifier's scores are always finite
         grads = []
-        noise = torch.randn((len(rows), *traj.clean.shape[1:]), generator=torch.Generator().manual_seed(k))
+        if args.objective == "awm":  # one re-noising of each clean sample, shared by the T steps' losses
+            noise = torch.randn(
+                (len(rows), *traj.clean.shape[1:]), generator=torch.Generator().manual_seed(k)
+            )
         for t in range(T):  # each step's gradient on its own: one step, every trajectory, the mean over them
             model.transformer.zero_grad(set_to_none=True)
             steps = torch.full((len(rows), 1), t)

@@ -21,6 +21,7 @@ from pathlib import Path
 import tyro
 
 from plumbing.checkpoints import checkpoints
+from plumbing.metrics import read_metrics
 from plumbing.tables_and_figures import plot_seed_curves
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,25 +43,30 @@ def main(args: Args):
     runs = [spec.split("=", 1) for spec in args.runs]
     if any(len(r) != 2 for r in runs):
         sys.exit("error: give each run as NAME=FOLDER")
-    labels = {}  # eval label -> (name, run index, iteration)
+    labels = {}  # eval label -> (name, run index, iteration, checkpoint)
     for i, (name, folder) in enumerate(runs):
         for ckpt in checkpoints(folder):
-            labels[f"{name}-{i}-{int(ckpt.name.split('_')[1])}"] = (name, i, ckpt)
+            it = int(ckpt.name.split("_")[1])  # iter_XXXXX
+            labels[f"{name}-{i}-{it}"] = (name, i, it, ckpt)
     if not labels:
         sys.exit("error: no checkpoints in the runs given")
     cmd = [sys.executable, "eval.py", "--preset", "toy", "--num-prompts", str(args.num_prompts)]
-    cmd += ["--output-dir", args.eval_dir, "--checkpoints", *(f"{k}={c}" for k, (_, _, c) in labels.items())]
+    cmd += ["--output-dir", args.eval_dir, "--checkpoints", *(f"{k}={v[3]}" for k, v in labels.items())]
     subprocess.run(cmd, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "2"}, check=True)
     rows = json.loads(Path(args.eval_dir, "results.json").read_text())["rows"]
     held = {row["label"]: row["mean"]["toy"] for row in rows}  # the verifier's mean reward
     base = rows[0]["mean"]["toy"]  # the first row is the base model
     configs = {}
-    for label, (name, i, ckpt) in labels.items():
-        seed = configs.setdefault(name, {"seeds": {}})["seeds"].setdefault(str(i), {"curve": {}})
-        seed["curve"][str(int(ckpt.name.split("_")[1]))] = held[label]
-        seed["curve_base"] = base
-        metrics = Path(runs[i][1], "metrics.jsonl").read_text().splitlines()
-        seed["train"] = [json.loads(line)["reward"] for line in metrics]
+    for i, (name, folder) in enumerate(runs):
+        metrics = read_metrics(Path(folder, "metrics.jsonl"))
+        train = [json.loads(line)["reward"] for _, line in metrics]
+        configs.setdefault(name, {"seeds": {}})["seeds"][str(i)] = {
+            "curve": {},
+            "curve_base": base,
+            "train": train,
+        }
+    for label, (name, i, it, _) in labels.items():
+        configs[name]["seeds"][str(i)]["curve"][str(it)] = held[label]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).with_suffix(".json").write_text(json.dumps(configs, indent=1) + "\n")
     plot_seed_curves(Path(args.out), configs, list(configs))
