@@ -104,7 +104,7 @@ def test_the_awm_objective_trains_its_stratified_points(monkeypatch, capsys):
 def test_flops_count_a_backward_as_two_forwards_and_a_lora_as_less(monkeypatch, capsys):
     sampled, trained = flops(run_bench(monkeypatch, capsys, model="tiny", objective="step", iterations=1)[1])
     kl = 1 if bench.MODELS["tiny"].recipe["beta"] > 0 else 0  # the toy recipe's KL: a reference forward more
-    assert 2.5 + kl < trained / sampled < 3.5 + kl  # forward + backward (inputs' and weights' grads), no recompute
+    assert 2.5 + kl < trained / sampled < 3.5 + kl  # forward + backward (both gradients), no recompute
     lora = flops(run_bench(monkeypatch, capsys, model="tiny", lora_rank=2, iterations=1)[1])
     assert lora[0] == pytest.approx(sampled, rel=0.05)  # rank 2 adds little to the forward
     assert lora[1] < trained  # a frozen base computes no weight gradients
