@@ -68,6 +68,7 @@ def sampling_settings(args, model: FlowModel) -> dict:
     """rollout's keywords for the policy a script's (resolved) Args describe: steps, sigmas, SDE mode and eta.
     `--schedule pipeline` takes the stock pipeline scheduler's sigmas, else linspace under --shift."""
     settings = dict(num_steps=args.num_steps, mode=args.sde_mode, eta=args.eta)
+    settings["sde_window"] = getattr(args, "sde_window", 0)  # the trainers' flag; evaluation has none
     if getattr(args, "schedule", "shift") == "pipeline":
         settings["sigmas"] = pipeline_sigmas(model, args.num_steps)
     else:
@@ -233,6 +234,7 @@ def rollout(
     transformers=None,
     progress=False,
     sigmas=None,
+    sde_window=0,
 ) -> Trajectories:
     """Sample `num_generations` trajectories per prompt, batched, recording every step's state and log-prob.
 
@@ -243,6 +245,8 @@ def rollout(
     policy's own noise) or "all" (every trajectory of this call, GCPO's per-GPU `init_same_noise`).
     `transformers`: one transformer per step (hybrid inference); default model.transformer throughout.
     `sigmas`: an explicit schedule (num_steps+1,), e.g. model.pipeline_sigmas(N); default sigma_schedule.
+    `sde_window`: k > 0 takes only the first k transitions (the high-noise end) with the SDE, the rest as ODE
+    steps of log-prob 0 (Flow-GRPO-Fast's SDE window, here fixed at the start); 0: all but the last.
     """
     G = num_generations
     n = len(prompts) * G
@@ -260,13 +264,16 @@ def rollout(
     sigmas = sigmas.to(model.device)  # (num_steps+1,)
     if len(sigmas) != num_steps + 1:
         raise UsageError(f"a schedule of {len(sigmas)} sigmas does not make {num_steps} steps")
+    if not 0 <= sde_window <= num_steps - 1:
+        raise UsageError(f"an SDE window of {sde_window} steps does not fit {num_steps - 1} trainable steps")
+    stochastic = sde_window or num_steps - 1  # the first `stochastic` transitions; the last is never one
     batch_size = batch_size or n
     states, log_probs = [x], []
     for i in tqdm(range(num_steps), desc="rollout", disable=not progress, leave=False):
         transformer = model.transformer if transformers is None else transformers[i]
         v = velocity_batched(model, transformer, x, sigmas[i], embeds, batch_size)  # (N, *latent_shape)
         last = i == num_steps - 1  # the final step into sigma=0 is never trained: take it deterministically
-        step_mode = "ode" if last else mode
+        step_mode = mode if i < stochastic else "ode"
         x, log_prob = sde_step(
             v, x, sigmas[i], sigmas[i + 1], mode=step_mode, eta=eta, generator=step_gens, sigma_max=sigmas[1]
         )

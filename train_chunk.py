@@ -14,17 +14,18 @@ the flat tail; the FLUX recipe is [2, 3, 4, 7]) and optimises each chunk as one 
 
 Whole chunks of several trajectories share one transformer forward of up to --train-batch-size rows (each row
 its own sigma); a chunk is never split across forwards. Each trajectory trains a `chunk_fraction` of its
-chunks (2 of 4 in the recipe), drawn uniformly or, with `--chunk-weighted-sampling`, with probability
-proportional to the chunk's mean L1rel on that trajectory; only the selection changes, the loss is not
-reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is sequence-level (GSPO-like). Note that
-uneven chunks reweight steps: a step in a size-2 chunk gets about twice the gradient weight it has in
-step-level GRPO, one in the size-7 chunk about 0.57x. `--chunk-ratio step` is the control for everything
-chunking changes besides the ratio: the same chunks selected and the same 1/|chunk| step weights, but each
-step its own ratio and clip,
+chunks (2 of 4 in the recipe; with `--sde-window`, of the chunks inside the window), drawn uniformly or, with
+`--chunk-weighted-sampling`, with probability proportional to the chunk's mean L1rel on that trajectory; only
+the selection changes, the loss is not reweighted. K = T chunks of size 1 is exactly step-level GRPO; K = 1 is
+sequence-level (GSPO-like). Note that uneven chunks reweight steps: a step in a size-2 chunk gets about twice
+the gradient weight it has in step-level GRPO, one in the size-7 chunk about 0.57x. `--chunk-ratio step` is
+the control for everything chunking changes besides the ratio: the same chunks selected and the same
+1/|chunk| step weights, but each step its own ratio and clip,
 
     loss = mean_{t in chunk j} max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)),    r_t = exp(logp_t - logp_old_t)
 """
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -134,14 +135,30 @@ def chunk_loss(learner, traj, adv, kept, rows, chunks, sizes, scale):
     return ratios  # (n*k,)
 
 
+def window_chunks(sizes, sde_window: int) -> int:
+    """How many chunks, from the high-noise end, lie in the SDE window (all of them without one); a window
+    must end where a chunk does, so that every chunk is either stochastic or not."""
+    if not sde_window:
+        return len(sizes)
+    ends = list(itertools.accumulate(sizes))  # where each chunk ends
+    if sde_window not in ends:
+        raise UsageError(
+            f"--sde-window {sde_window} ends inside a chunk of the layout {sizes}; choose a window that ends "
+            f"with a chunk: one of {', '.join(map(str, ends))}"
+        )
+    return ends.index(sde_window) + 1
+
+
 def chunk_objective(learner, traj, adv, kept, rows, scale, generator, *, sizes):
-    """Chunk-level GRPO: pick each trajectory's chunks (uniformly, or weighted by L1rel), then chunk_loss."""
+    """Chunk-level GRPO: pick each trajectory's chunks (uniformly, or weighted by L1rel) among those in the
+    SDE window (all K without one), then chunk_loss."""
     a = learner.args
+    K = window_chunks(sizes, a.sde_window)  # the first K chunks are stochastic: only they can train
     if a.chunk_weighted_sampling:
-        weights = chunk_means(l1rel(traj.latents[rows]), sizes).cpu()  # (n, K) mean L1rel of each chunk
+        weights = chunk_means(l1rel(traj.latents[rows]), sizes)[:, :K].cpu()  # (n, K) mean L1rel of a chunk
         chunks = select_chunks(weights, a.chunk_fraction, method=a.chunk_weighting, generator=generator)
     else:
-        shape = (len(rows), len(sizes))
+        shape = (len(rows), K)
         chunks = select_chunks(None, a.chunk_fraction, method="uniform", generator=generator, shape=shape)
     trained = torch.bincount(chunks.flatten(), minlength=len(sizes)).tolist()  # (K,) times each chunk trains
     histogram = {f"chunks/{j}": c for j, c in enumerate(trained)}
@@ -179,11 +196,13 @@ def layout(args: ChunkArgs) -> list[int]:
 def describe_chunks(args: ChunkArgs, T: int) -> list[str]:
     """The chunk objective's lines of the derived totals (validates the layout flags)."""
     sizes = layout(args)
-    k = num_selected(len(sizes), args.chunk_fraction)
+    K = window_chunks(sizes, args.sde_window)
+    k = num_selected(K, args.chunk_fraction)
     selection = f"weighted ({args.chunk_weighting} L1rel)" if args.chunk_weighted_sampling else "uniform"
+    window = f" (the SDE window's first {args.sde_window} steps)" if args.sde_window else ""
     return [
         f"chunk layout ({args.chunk_layout}): {sizes}, K = {len(sizes)}",
-        f"trained chunks per trajectory: {k} of {len(sizes)}, selection {selection}",
+        f"trained chunks per trajectory: {k} of {K}{window}, selection {selection}",
         "importance ratio: "
         + ("one per chunk (GCPO)" if args.chunk_ratio == "chunk" else "one per step (control)"),
     ]

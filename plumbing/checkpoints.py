@@ -38,7 +38,7 @@ from plumbing.runtime import UsageError, gather_objects, print0, writable_dir
 # the optimizer, whose lr, betas and weight decay from the command line replace the restored ones.
 RUN_FIELDS = (
     "model prompts reward height width guidance_scale num_steps shift sde_mode eta prompts_per_rank "
-    "num_generations init_same_noise timestep_fraction seed lora_rank lora_alpha lora_targets"
+    "num_generations init_same_noise timestep_fraction sde_window seed lora_rank lora_alpha lora_targets"
 ).split()
 OPTIMIZER_FIELDS = ("learning_rate", "adam_betas", "weight_decay")
 
@@ -299,7 +299,8 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
     world = dist.get_world_size() if dist.is_initialized() else 1
     own = ("chunk_", "awm_", "num_chunks")  # the flags of an objective: train_chunk.py's, train_awm.py's
     objective_fields = sorted(f for f in {**state["args"], **now} if f.startswith(own))
-    saved = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), **state["args"]}  # saved before LoRA
+    older = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), "sde_window": 0}  # flags added later
+    saved = older | state["args"]
     changed = changed_flags(saved, now, RUN_FIELDS + objective_fields)
     if len(state["rng"]) != world:
         changed.append(f"world size {len(state['rng'])} -> {world}")

@@ -1,10 +1,15 @@
 """The maths of train_grpo.py and train_chunk.py: advantages, and the chunk objective against the step one."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+import train_chunk
+import train_grpo
 from chunking import chunk_bounds
 from plumbing.models import load_model
+from plumbing.runtime import UsageError
 from sampler import mode_defaults
 from train_chunk import ChunkArgs, chunk_loss, first_fit_batches
 from train_grpo import Args, Learner, compute_advantages, step_loss
@@ -219,3 +224,33 @@ def test_the_step_ratio_control_differs_from_the_chunk_ratio_only_where_ratios_l
 
     on_chunk, on_step = grad("chunk", as_if_on_policy), grad("step", as_if_on_policy)
     torch.testing.assert_close(on_chunk, on_step, atol=1e-6 * on_chunk.abs().max().item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_an_sde_window_trains_only_its_steps_and_the_chunks_inside_it(batch, weighted, monkeypatch):
+    model, traj, adv = batch  # T = 6 trainable steps
+    trained = {}
+    monkeypatch.setattr(train_grpo, "step_loss", lambda *a: trained.setdefault("steps", a[-2]))
+    monkeypatch.setattr(train_chunk, "chunk_loss", lambda *a: trained.setdefault("chunks", a[-3]))
+    window = dict(sde_window=4, timestep_fraction=0.5, chunk_fraction=0.5, chunk_weighted_sampling=weighted)
+    args = mode_defaults(ChunkArgs(**window))
+    learner, rows = Learner(model, None, args), torch.arange(6)
+    train_grpo.step_objective(learner, traj, adv, ALL, rows, 1 / 6, torch.Generator().manual_seed(0))
+    assert trained["steps"].shape == (6, 2) and trained["steps"].max() < 4  # 2 of the window's 4 steps
+    assert len(trained["steps"].unique()) == 4  # ... and every one of them trains on some trajectory
+    chunks = dict(sizes=[2, 2, 2], generator=torch.Generator().manual_seed(0))
+    train_chunk.chunk_objective(learner, traj, adv, ALL, rows, 1 / 6, **chunks)
+    assert trained["chunks"].shape == (6, 1) and set(trained["chunks"].flatten().tolist()) <= {0, 1}
+    lines = train_chunk.describe_chunks(replace(args, chunk_layout="uniform", chunk_size=2), 6)
+    assert lines[1].startswith("trained chunks per trajectory: 1 of 2 (the SDE window's first 4 steps)")
+
+
+def test_an_sde_window_must_fit_the_steps_and_end_with_a_chunk():
+    sizes = [2, 2, 2, 10]
+    assert train_chunk.window_chunks(sizes, 0) == 4 and train_chunk.window_chunks(sizes, 6) == 3
+    with pytest.raises(UsageError, match="choose a window that ends with a chunk: one of 2, 4, 6, 16"):
+        train_chunk.window_chunks(sizes, 5)
+    with pytest.raises(UsageError, match="--sde-window 17 is longer than the 16 trainable steps"):
+        train_grpo.check_batch(Args(num_steps=17, sde_window=17))
+    lines = train_grpo.describe_steps(Args(sde_window=6, timestep_fraction=0.67), 16)
+    assert lines == ["trained steps per trajectory: 4 of the SDE window's first 6 of T = 16"]

@@ -160,6 +160,24 @@ def test_rollout_ignores_batch_size_and_shares_noise(tiny_flux_dir):
     assert all(torch.equal(everyone.latents[0, 0], everyone.latents[i, 0]) for i in range(4))
 
 
+def test_an_sde_window_leaves_the_steps_after_it_to_the_ode(tiny_flux_dir):
+    model = load_model(tiny_flux_dir, height=32, width=32)
+    with torch.no_grad():
+        full = rollout(model, PROMPTS, num_generations=2, num_steps=6, seed=0)  # T = 5 stochastic steps
+        window = rollout(model, PROMPTS, num_generations=2, num_steps=6, seed=0, sde_window=2)
+        assert torch.equal(window.latents[:, :3], full.latents[:, :3])  # the window's steps: the same draws
+        assert (window.log_probs[:, :2] != 0).all() and (window.log_probs[:, 2:] == 0).all()
+        assert not torch.equal(window.latents[:, 3], full.latents[:, 3])
+        for t in range(2, 5):  # after the window, each step is the ODE's Euler step from the state before
+            x, s, s_next = window.latents[:, t], window.sigmas[t], window.sigmas[t + 1]
+            v = model.velocity(model.transformer, x, s.expand(len(x)), window.embeds)
+            torch.testing.assert_close(window.latents[:, t + 1], x + v * (s_next - s), atol=1e-5, rtol=0)
+        whole = rollout(model, PROMPTS, num_generations=2, num_steps=6, seed=0, sde_window=5)
+    assert torch.equal(whole.latents, full.latents) and torch.equal(whole.log_probs, full.log_probs)
+    with pytest.raises(UsageError, match="SDE window of 6 steps"):
+        rollout(model, PROMPTS, num_generations=2, num_steps=6, seed=0, sde_window=6)
+
+
 def test_ode_matches_stock_flux_pipeline(tiny_flux_dir):
     from diffusers import FluxPipeline
 
