@@ -11,8 +11,7 @@ Step-level GRPO for flow matching (DanceGRPO / Flow-GRPO), and the training loop
 The algorithm, per iteration: each rank samples G trajectories for each of its B prompts with the stochastic
 flow sampler (sampler.rollout, which records every state and log pi_old), scores the final images, turns
 rewards into group-relative advantages, then re-scores a random `timestep_fraction` of each trajectory's T
-trainable transitions (with `--sde-window k`: of the first k, the only stochastic ones) under the current
-weights and takes PPO-clipped steps:
+trainable transitions under the current weights and takes PPO-clipped steps:
 
     ratio_t = exp(logp_theta_t - logp_old_t)
     loss_t  = max(-A ratio_t, -A clip(ratio_t, 1 - eps, 1 + eps))      (DanceGRPO / Flow-GRPO / GCPO Eq. 4)
@@ -86,8 +85,7 @@ class Args(SamplingArgs):
     timestep_fraction: Annotated[float, Range("in (0, 1]")] = 0.5
     """fraction of each trajectory's trainable steps trained per iteration (GCPO 0.5, DanceGRPO 0.6)"""
     sde_window: Annotated[int, Range(">= 0")] = 0
-    """k > 0: only the first k trainable steps (high noise) are SDE steps, the rest ODE, and only those k
-    train (Flow-GRPO-Fast's SDE window, fixed at the start; MixGRPO slides one); 0: all T (the papers')"""
+    """k > 0: only the first k trainable steps are SDE steps and train, ODE after (Flow-GRPO-Fast); 0: all"""
     clip_range: Annotated[float | None, Range("> 0")] = None
     """PPO clip epsilon, tiny as log-probs are element means; by mode: flow 5e-5, dance 1e-4, cps 1e-5"""
     adv_clip_max: Annotated[float, Range("> 0")] = 5.0
@@ -251,21 +249,18 @@ def step_loss(learner, traj, adv, kept, rows, steps, scale):
 
 
 def step_objective(learner, traj, adv, kept, rows, scale, generator):
-    """Step-level GRPO: a random `timestep_fraction` of each trajectory's T steps (of the SDE window's first
-    k), each step its own unit. Returns the ratios and, for the metrics, counts of what was trained (none
-    here; the chunk objective's histogram of chunks)."""
-    a = learner.args
-    T = a.sde_window or traj.log_probs.shape[1]  # the stochastic steps; a step is a chunk of size 1
-    steps = random_units(len(rows), T, a.timestep_fraction, generator).to(rows.device)  # (n, k)
+    """Step-level GRPO: a random `timestep_fraction` of each trajectory's T steps (the SDE window's k), each
+    its own unit. Returns the ratios and, for the metrics, counts of what trained (the chunk objective's)."""
+    T = learner.args.sde_window or traj.log_probs.shape[1]  # the stochastic steps; a step: a chunk of size 1
+    steps = random_units(len(rows), T, learner.args.timestep_fraction, generator).to(rows.device)  # (n, k)
     return step_loss(learner, traj, adv, kept, rows, steps, scale), {}
 
 
 def describe_steps(args, T):
     """The step objective's line of the derived totals (train_chunk.py prints its chunks instead)."""
-    if args.sde_window:
-        k = num_selected(args.sde_window, args.timestep_fraction)
-        return [f"trained steps per trajectory: {k} of the SDE window's first {args.sde_window} of T = {T}"]
-    return [f"trained steps per trajectory: {num_selected(T, args.timestep_fraction)} of T = {T}"]
+    k = num_selected(args.sde_window or T, args.timestep_fraction)
+    where = f"the SDE window's first {args.sde_window} of T = {T}" if args.sde_window else f"T = {T}"
+    return [f"trained steps per trajectory: {k} of {where}"]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -275,11 +270,8 @@ def check_batch(args: Args):
         raise UsageError("--sde-mode ode is deterministic: RL needs a stochastic policy (flow, dance or cps)")
     if args.num_generations < 2:
         raise UsageError("--num-generations 1: group-relative advantages need at least 2 images per prompt")
-    if args.sde_window > args.num_steps - 1:
-        raise UsageError(
-            f"--sde-window {args.sde_window} is longer than the {args.num_steps - 1} trainable steps of "
-            f"--num-steps {args.num_steps}; lower it (0: every step)"
-        )
+    if args.sde_window >= args.num_steps:
+        raise UsageError(f"--sde-window {args.sde_window} exceeds the {args.num_steps - 1} trainable steps")
     n_local = args.prompts_per_rank * args.num_generations
     if n_local % args.gradient_accumulation_steps:
         raise UsageError(

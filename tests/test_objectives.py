@@ -250,7 +250,7 @@ def test_an_sde_window_must_fit_the_steps_and_end_with_a_chunk():
     assert train_chunk.window_chunks(sizes, 0) == 4 and train_chunk.window_chunks(sizes, 6) == 3
     with pytest.raises(UsageError, match="choose a window that ends with a chunk: one of 2, 4, 6, 16"):
         train_chunk.window_chunks(sizes, 5)
-    with pytest.raises(UsageError, match="--sde-window 17 is longer than the 16 trainable steps"):
+    with pytest.raises(UsageError, match="--sde-window 17 exceeds the 16 trainable steps"):
         train_grpo.check_batch(Args(num_steps=17, sde_window=17))
     lines = train_grpo.describe_steps(Args(sde_window=6, timestep_fraction=0.67), 16)
     assert lines == ["trained steps per trajectory: 4 of the SDE window's first 6 of T = 16"]

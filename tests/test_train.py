@@ -127,13 +127,12 @@ def test_chunks_of_one_step_rerun_step_level_grpo(straight, tmp_path):
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_chunk_toy_run(tmp_path, weighted):
-    flags = ["--chunk-layout", "fixed", "--chunk-sizes", "1", "2", "2"] + (
-        ["--chunk-weighted-sampling"] * weighted
-    )
+    flags = ["--chunk-layout", "fixed", "--chunk-sizes", "1", "2", "2"]
+    flags += ["--chunk-weighted-sampling", "--sde-window", "3"] if weighted else []  # the window: chunks 0, 1
     train("train_chunk.py", tmp_path, "--num-iterations", "2", *flags)
     rows = check_run(tmp_path, 2)
     hist = [rows[0][f"chunks/{j}"] for j in range(3)]  # 8 trajectories x max(1, int(3 * 0.5)) = 1 chunk each
-    assert sum(hist) == 8
+    assert sum(hist) == 8 and (hist[2] == 0 or not weighted)
 
 
 @pytest.mark.parametrize("script", ["train_grpo.py", "train_chunk.py"])
