@@ -62,8 +62,9 @@ class Args(SamplingArgs):
     """the base model: FLUX or SD3 pipeline (hub id or local diffusers folder), or `toy`; it also supplies the
     text encoders and VAE of every trained model"""
     checkpoints: tuple[str, ...] = ()
-    """trained models, each a checkpoint folder (RUN/checkpoints/iter_XXXXX), its transformer/ (a LoRA run's:
-    lora/, evaluated as base + adapter) subfolder, or a run folder (its newest); `label=path` names the row"""
+    """trained models, each a checkpoint folder (RUN/checkpoints/iter_XXXXX: its ema/ if it has one), its
+    transformer/, ema/ or lora/ (evaluated as base + adapter), or a run folder (its newest checkpoint);
+    `label=path` names the row"""
     hybrid_steps: tuple[int, ...] = ()
     """for each k, one more row per checkpoint: the trained model takes the first k steps, the base model the
     rest (GCPO: 30 of 50)"""
@@ -107,23 +108,26 @@ PRESETS = recipes.EVAL  # --preset toy
 
 # ----------------------------------------------------------------------------- inputs
 def resolve_checkpoint(spec: str) -> tuple[str, Path]:
-    """`[label=]path` -> (label, transformer or LoRA folder), from a checkpoint, its transformer/ or lora/, or
-    a run folder."""
+    """`[label=]path` -> (label, transformer or LoRA folder), from a checkpoint (its ema/ if it kept the
+    average of the weights, else its transformer/ or lora/), one of those folders, or a run folder."""
     label, path = spec.split("=", 1) if "=" in spec else (spec, spec)
     path = Path(path)
-    if (path / "config.json").is_file() or (path / lora.WEIGHTS).is_file():
+    if holds_weights(path):
         return label, path
-    if (path / "lora" / lora.WEIGHTS).is_file():  # a LoRA run's: base + adapter
-        return label, path / "lora"
-    if (path / "transformer" / "config.json").is_file():
-        return label, path / "transformer"
-    if runs := checkpoints(path):
-        folder = runs[-1] / ("lora" if (runs[-1] / "lora").is_dir() else "transformer")
-        return (label if "=" in spec else f"{spec.rstrip('/')}/{runs[-1].name}"), folder
+    if runs := checkpoints(path):  # a run: its newest checkpoint
+        path, label = runs[-1], (label if "=" in spec else f"{spec.rstrip('/')}/{runs[-1].name}")
+    for name in ("ema", "lora", "transformer"):
+        if holds_weights(path / name):
+            return (f"{label} ema" if name == "ema" and "=" not in spec else label), path / name
     raise UsageError(
         f"no checkpoint at {str(path)!r}: pass RUN/checkpoints/iter_XXXXX, its transformer/ folder, or a "
         f"run folder holding checkpoints/ (train_grpo.py / train_chunk.py --output-dir)"
     )
+
+
+def holds_weights(folder: Path) -> bool:
+    """A transformer in diffusers format, or a LoRA run's adapter (evaluated as base + adapter)."""
+    return (folder / "config.json").is_file() or (folder / lora.WEIGHTS).is_file()
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -33,11 +33,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from plumbing import lora, recipes
-from plumbing.checkpoints import check_output_dir, checkpoint_due, checkpoints, resume, save_checkpoint
-from plumbing.metrics import Logger, iteration_metrics
+from plumbing.checkpoints import checkpoint_due, resume, save_checkpoint
+from plumbing.ema import WeightAverage
+from plumbing.metrics import Logger, NonFiniteGuard, iteration_metrics
 from plumbing.models import load_model
 from plumbing.prompts import PromptSource, outside_toy_grammar
-from plumbing.runtime import Range, UsageError, autocast, print0, run, seed_for, setup_distributed, shard
+from plumbing.runtime import (
+    Range,
+    UsageError,
+    autocast,
+    check_output_dir,
+    print0,
+    run,
+    seed_for,
+    setup_distributed,
+    shard,
+)
 from plumbing.tables_and_figures import save_samples
 from rewards import build_reward
 from sampler import (
@@ -111,6 +122,8 @@ class Args(SamplingArgs):
     """trajectories per optimizer step on each rank (GCPO: 12, so 2 optimizer steps per iteration)"""
     num_iterations: Annotated[int, Range(">= 1")] = 150
     """sample-then-train iterations"""
+    ema_decay: Annotated[float, Range("in [0, 1)")] = 0.0
+    """d > 0: checkpoints also keep an average of the weights, which eval.py evaluates (plumbing/ema.py)"""
     # --- LoRA ---
     lora_rank: Annotated[int, Range(">= 0")] = 0
     """0: full fine-tuning (GCPO); r > 0: a rank-r LoRA adapter on a frozen base (plumbing/lora.py)"""
@@ -329,27 +342,6 @@ def clip_gradients(params, args: Args):
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
 
 
-class NonFiniteGuard:
-    """Optimizer steps with a non-finite loss or gradient norm are skipped (the weights stay as they were);
-    --max-skipped-steps of them in a row stop the run, naming the last good checkpoint."""
-
-    def __init__(self, args: Args):
-        self.limit, self.output_dir, self.in_a_row = args.max_skipped_steps, args.output_dir, 0
-
-    def skip(self, norm, iteration: int) -> bool:
-        if torch.isfinite(norm):
-            self.in_a_row = 0
-            return False
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            last = checkpoints(self.output_dir)
-            raise UsageError(
-                f"iteration {iteration}: {self.in_a_row} optimizer steps in a row had a non-finite loss or "
-                f"gradient norm; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
-            )
-        return True
-
-
 def print_progress(metrics, args: Args):
     """Rank 0's line per iteration, and a warning when the first optimizer step's ratios are not ~1."""
     if metrics["ratio_first"] > args.clip_range / 10:  # e.g. bf16 kernels that depend on the batch size
@@ -385,7 +377,8 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
     adamw = dict(lr=args.learning_rate, betas=args.adam_betas, weight_decay=args.weight_decay)
     optimizer = torch.optim.AdamW(params, **adamw)
     learner, guard = Learner(model, ref, args), NonFiniteGuard(args)
-    start = resume(policy, optimizer, args, rank) if args.resume else 0
+    ema = WeightAverage(params, args.ema_decay) if args.ema_decay else None
+    start = resume(policy, optimizer, args, rank, ema) if args.resume else 0
     logger = Logger(args if rank == 0 else None, start)
     print_settings(args, world, params, objective_lines, start)
     B, G, accumulation = args.prompts_per_rank, args.num_generations, args.gradient_accumulation_steps
@@ -422,6 +415,8 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
             norm = clip_gradients(params, args)
             if not guard.skip(norm, it + 1):
                 optimizer.step()
+                if ema is not None:
+                    ema.update()
                 norms.append(norm)
                 counts.update(unit_counts)
             optimizer.zero_grad(set_to_none=True)
@@ -440,7 +435,7 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
             path = Path(args.output_dir, "samples", f"iter_{it + 1:05d}.png")
             save_samples(traj, rewards, path, cols=G, scale=4 if model.kind == "toy" else 1)
         if checkpoint_due(it + 1, args):
-            save_checkpoint(policy, optimizer, args, it + 1, rank)
+            save_checkpoint(policy, optimizer, args, it + 1, rank, ema)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -6,10 +6,11 @@ plumbing/runtime.py and plumbing/lora.py.
     RUN/checkpoints/iter_XXXXX/transformer/  the policy in diffusers format (from_pretrained loads it)
     RUN/checkpoints/iter_XXXXX/optimizer/    AdamW's state, one file per rank (torch.distributed.checkpoint)
     RUN/checkpoints/iter_XXXXX/lora/         instead, a LoRA run's adapter (load_lora_weights loads it)
+    RUN/checkpoints/iter_XXXXX/ema/          with --ema-decay, the average of the weights, in the same format
     RUN/checkpoints/iter_XXXXX/trainer.pt    every rank's RNG state, iteration, args (weights_only); a LoRA
                                              run's optimizer, whole
 
-A new run refuses a folder that already holds one (pass --resume or a new --output-dir). A checkpoint is
+A new run refuses a folder that already holds one (runtime.check_output_dir). A checkpoint is
 written to iter_XXXXX.tmp and renamed, so a folder named iter_XXXXX was complete when it was renamed; a crash
 of the machine can still leave its files truncated, so --resume reads the newest checkpoint and falls back to
 the one before it, with a warning, when a file is missing or truncated. It then refuses a checkpoint saved
@@ -31,14 +32,15 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.state_dict as dsd
 
 from plumbing import lora
-from plumbing.runtime import UsageError, gather_objects, print0, writable_dir
+from plumbing.runtime import UsageError, gather_objects, print0
 
 # The flags that define a run, with the objectives' own (chunk_*, num_chunks, awm_*: found by name in
 # load_checkpoint); all others may change on --resume: run length, logging, memory (batch sizes, device) and
 # the optimizer, whose lr, betas and weight decay from the command line replace the restored ones.
 RUN_FIELDS = (
     "model prompts reward height width guidance_scale num_steps shift sde_mode eta prompts_per_rank "
-    "num_generations init_same_noise timestep_fraction sde_window seed lora_rank lora_alpha lora_targets"
+    "num_generations init_same_noise timestep_fraction sde_window seed lora_rank lora_alpha lora_targets "
+    "ema_decay"
 ).split()
 OPTIMIZER_FIELDS = ("learning_rate", "adam_betas", "weight_decay")
 
@@ -55,35 +57,6 @@ def checkpoint_due(iteration: int, args) -> bool:
 def checkpoints(output_dir):
     """Completed checkpoints, oldest first (an interrupted save is still named *.tmp and is ignored)."""
     return sorted(Path(output_dir, "checkpoints").glob("iter_[0-9][0-9][0-9][0-9][0-9]"))
-
-
-# ----------------------------------------------------------------------------- the output folder
-def check_output_dir(args):
-    """Refuse, before anything is written, an --output-dir that is not a writable folder, or one that holds a
-    run (metrics.jsonl or checkpoints/) when --resume is not given. Rank 0 looks (it alone writes there) and
-    every rank raises its verdict."""
-    problem = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        problem = output_dir_problem(Path(args.output_dir), args.resume)
-    problem = gather_objects(problem)[0]
-    if problem is not None:
-        raise UsageError(problem)
-
-
-def output_dir_problem(out: Path, resume: bool) -> str | None:
-    """What is wrong with `out` as a run's folder, in one line, or None (then `out` exists)."""
-    if out.exists() and not out.is_dir():
-        return f"--output-dir {out} is a file; pass a folder for the run's metrics, samples and checkpoints"
-    if not resume and (Path(out, "metrics.jsonl").exists() or Path(out, "checkpoints").exists()):
-        return (
-            f"--output-dir {out} already holds a run (metrics.jsonl or checkpoints/); pass --resume to "
-            f"continue it, or a new --output-dir"
-        )
-    try:
-        writable_dir(out)  # the one sure test of writability (read-only mounts, ACLs, root)
-    except UsageError as e:
-        return str(e)
-    return None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -108,10 +81,11 @@ def without_single_process_warning(dcp_call, state_dict, folder):
         dcp_call(state_dict, checkpoint_id=folder)
 
 
-def save_checkpoint(policy, optimizer, args, iteration, rank):
+def save_checkpoint(policy, optimizer, args, iteration, rank, ema=None):
     """The transformer in diffusers format (fp32 master weights, loadable by from_pretrained), the optimizer,
-    every rank's RNG state, the iteration and the args. Every rank writes its shard of the optimizer into a
-    temporary folder that rank 0 then renames, so the newest checkpoint is never half-written."""
+    every rank's RNG state, the iteration and the args, and the average of the weights if `ema` (a
+    plumbing.ema.WeightAverage) is given. Every rank writes its shard of the optimizer into a temporary folder
+    that rank 0 then renames, so the newest checkpoint is never half-written."""
     # Collective, like the gathering below: every rank checks its own shards.
     ok = all(torch.isfinite(local_part(p)).all() for p in policy.parameters())
     finite = torch.tensor([float(ok)], device=next(policy.parameters()).device)  # nccl reduces CUDA tensors
@@ -135,16 +109,16 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
         without_single_process_warning(
             dcp.save, {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}, tmp / "optimizer"
         )
-        save_weights(policy, tmp / "transformer", rank)
+    save_policy(policy, tmp / ("lora" if adapter else "transformer"), rank)
+    if ema is not None:
+        with ema.swapped_in():  # the policy holds the average: saved by the same code, in the same format
+            save_policy(policy, tmp / "ema", rank)
     rng_states = gather_objects(torch.get_rng_state())  # one per rank: each draws its own prompts' noise
     if rank == 0:
         run_args = {k: loadable(v) for k, v in asdict(args).items()}
         trainer = {"rng": rng_states, "iteration": iteration, "args": run_args}
         if adapter:
-            lora.save_adapter(policy, tmp / "lora")
             trainer["optimizer"] = optimizer.state_dict()
-        else:
-            policy.save_config(tmp / "transformer")
         torch.save(trainer, tmp / "trainer.pt")
         # A folder of this name exists only if resume skipped it as unreadable: replace it, never merge.
         shutil.rmtree(stale, ignore_errors=True)
@@ -153,6 +127,18 @@ def save_checkpoint(policy, optimizer, args, iteration, rank):
         os.replace(tmp, final)
         shutil.rmtree(stale, ignore_errors=True)
     barrier()
+
+
+def save_policy(policy, folder, rank):
+    """Collective: the trained weights where from_pretrained or load_lora_weights finds them, a LoRA run's
+    adapter (rank 0's: the ranks' are the same) or the whole transformer."""
+    if lora.has_adapter(policy):
+        if rank == 0:
+            lora.save_adapter(policy, folder)
+        return
+    save_weights(policy, folder, rank)
+    if rank == 0:
+        policy.save_config(folder)
 
 
 def save_weights(policy, folder, rank, max_shard_size="5GB"):
@@ -191,11 +177,15 @@ def barrier():
 
 def read_weights(path):
     """The weights of a checkpoint folder: a LoRA run's adapter (lora/, in peft's keys) or the transformer."""
+    return read_policy(path / "lora" if (path / "lora").is_dir() else path / "transformer")
+
+
+def read_policy(folder):
+    """What save_policy wrote to `folder`: an adapter (in peft's keys) or the transformer's weights."""
     from safetensors.torch import load_file
 
-    if (path / "lora").is_dir():
-        return lora.read_adapter(path / "lora")
-    folder = path / "transformer"
+    if (folder / lora.WEIGHTS).is_file():
+        return lora.read_adapter(folder)
     index = folder / "diffusion_pytorch_model.safetensors.index.json"  # present when the weights are sharded
     json.loads((folder / "config.json").read_text())  # a missing or truncated config: Unreadable, below
     if index.exists():
@@ -217,6 +207,8 @@ def read_checkpoint(path):
             raise KeyError(f"trainer.pt lacks {sorted(missing)}")
         if "optimizer" not in state:  # not a LoRA run's, nor saved before the optimizer was sharded
             check_shards(path / "optimizer")
+        if state["args"].get("ema_decay"):  # added later: older checkpoints have no average
+            state["ema"] = read_policy(path / "ema")
     except Exception as e:  # any failure to read is the same verdict: not this checkpoint
         lines = str(e).strip().splitlines()
         raise Unreadable(f"{type(e).__name__}: {lines[0][:120] if lines else ''}") from e
@@ -291,15 +283,17 @@ def weight_mismatch(saved: dict, policy) -> list[str]:
     return [f"{kind} {keys[0]} ({len(keys)} in all)" for kind, keys in kinds if keys]
 
 
-def load_checkpoint(policy, optimizer, args, checkpoint, rank):
-    """Restore a checkpoint (path, weights, trainer state) after checking that it belongs to this run; the
-    optimizer then takes --learning-rate, --adam-betas and --weight-decay from args. The iteration."""
+def load_checkpoint(policy, optimizer, args, checkpoint, rank, ema=None):
+    """Restore a checkpoint (path, weights, trainer state) after checking that it belongs to this run, and its
+    average of the weights into `ema`; the optimizer then takes --learning-rate, --adam-betas and
+    --weight-decay from args. The iteration."""
     path, model_sd, state = checkpoint
     now = {k: loadable(v) for k, v in asdict(args).items()}
     world = dist.get_world_size() if dist.is_initialized() else 1
     own = ("chunk_", "awm_", "num_chunks")  # the flags of an objective: train_chunk.py's, train_awm.py's
     objective_fields = sorted(f for f in {**state["args"], **now} if f.startswith(own))
-    older = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), "sde_window": 0}  # flags added later
+    # Flags added later: a checkpoint saved before them ran with these values.
+    older = {"lora_rank": 0, "lora_alpha": None, "lora_targets": (), "sde_window": 0, "ema_decay": 0}
     saved = older | state["args"]
     changed = changed_flags(saved, now, RUN_FIELDS + objective_fields)
     if len(state["rng"]) != world:
@@ -315,21 +309,19 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
             f"{path} does not hold this policy's weights: {'; '.join(mismatch)}; "
             f"was it saved from another --model?"
         )
-    if lora.has_adapter(policy):  # not sharded: the adapter and the optimizer load as they are
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(policy, model_sd)
+    set_policy(policy, model_sd)
+    if ema is not None:
+        with ema.swapped_in():  # the saved average goes into the policy, and from there into `ema`
+            set_policy(policy, state["ema"])
+    if lora.has_adapter(policy):  # not sharded: the optimizer loads as it is
         optimizer.load_state_dict(state["optimizer"])
-    else:  # every rank takes its shard of the whole weights, and reads its own part of the optimizer
+    elif "optimizer" in state:  # saved whole in trainer.pt, before the optimizer was sharded
         full = dsd.StateDictOptions(full_state_dict=True)
-        dsd.set_model_state_dict(policy, model_sd, options=full)
-        if "optimizer" in state:  # saved whole in trainer.pt, before the optimizer was sharded
-            dsd.set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=full)
-        else:
-            # This rank's shards as they are now (a fresh AdamW: zeros): dcp reads the saved values into them.
-            sharded = {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}
-            without_single_process_warning(dcp.load, sharded, path / "optimizer")
-            dsd.set_optimizer_state_dict(policy, optimizer, sharded["optimizer"])
+        dsd.set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=full)
+    else:  # each rank its own part: its shards as they are now (a fresh AdamW: zeros), which dcp fills
+        sharded = {"optimizer": dsd.get_optimizer_state_dict(policy, optimizer)}
+        without_single_process_warning(dcp.load, sharded, path / "optimizer")
+        dsd.set_optimizer_state_dict(policy, optimizer, sharded["optimizer"])
     torch.set_rng_state(state["rng"][rank])
     for group in optimizer.param_groups:
         group.update(lr=args.learning_rate, betas=tuple(args.adam_betas), weight_decay=args.weight_decay)
@@ -338,10 +330,20 @@ def load_checkpoint(policy, optimizer, args, checkpoint, rank):
     return state["iteration"]
 
 
-def resume(policy, optimizer, args, rank):
-    """Load the run's newest readable checkpoint into policy and optimizer; the iteration to continue from
-    (0: the run has no checkpoint yet)."""
+def set_policy(policy, weights):
+    """Put whole weights (a LoRA run's adapter, or the transformer) into the policy, each rank its shard."""
+    if lora.has_adapter(policy):
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, weights)
+    else:
+        dsd.set_model_state_dict(policy, weights, options=dsd.StateDictOptions(full_state_dict=True))
+
+
+def resume(policy, optimizer, args, rank, ema=None):
+    """Load the run's newest readable checkpoint into policy, optimizer and `ema`; the iteration to continue
+    from (0: the run has no checkpoint yet)."""
     found = checkpoints(args.output_dir)
     if not found:
         return 0
-    return load_checkpoint(policy, optimizer, args, newest_readable(found), rank)
+    return load_checkpoint(policy, optimizer, args, newest_readable(found), rank, ema)

@@ -2,7 +2,8 @@
 A training run's metrics: one row per iteration, computed over every rank's trajectories, and metrics.jsonl,
 the run's log of them, appended by rank 0 (and mirrored to wandb with --wandb). A resumed run keeps the rows
 up to the iteration it resumes from and redoes the rest; a partial last line (the run was killed mid-write) is
-dropped with a warning. Of the project it imports only plumbing/runtime.py.
+dropped with a warning. Also the guard that skips an optimizer step whose gradient is not finite. Of the
+project it imports only plumbing/runtime.py and plumbing/checkpoints.py (to name the last good checkpoint).
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from plumbing.checkpoints import checkpoints
 from plumbing.runtime import UsageError, gather, reduce_mean
 
 
@@ -105,3 +107,24 @@ class Logger:
                 f.write(json.dumps(metrics) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=metrics["iteration"])
+
+
+class NonFiniteGuard:
+    """Optimizer steps with a non-finite loss or gradient norm are skipped (the weights stay as they were);
+    --max-skipped-steps of them in a row stop the run, naming the last good checkpoint."""
+
+    def __init__(self, args):
+        self.limit, self.output_dir, self.in_a_row = args.max_skipped_steps, args.output_dir, 0
+
+    def skip(self, norm, iteration: int) -> bool:
+        if torch.isfinite(norm):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            last = checkpoints(self.output_dir)
+            raise UsageError(
+                f"iteration {iteration}: {self.in_a_row} optimizer steps in a row had a non-finite loss or "
+                f"gradient norm; stopped. Last good checkpoint: {last[-1] if last else 'none'}"
+            )
+        return True

@@ -42,8 +42,9 @@ TRAIN = {
     # config/base.py): 10 steps of the pipeline scheduler's own sigmas, all 9 trainable steps trained (its
     # timestep_fraction 0.99 of 10 steps), 48 prompts x 24 images an epoch (here 8 GPUs x 6 prompts), two
     # optimizer steps of it, batch std, no shared noise, clip 1e-4, KL beta 0.01, grad norm 1.0, LoRA r 32 /
-    # alpha 64 (scripts/train_sd3.py) at lr 3e-4. Differences: bf16 compute where it uses fp16; no EMA of the
-    # weights (Flow-GRPO keeps one for evaluation, not for sampling).
+    # alpha 64 (scripts/train_sd3.py) at lr 3e-4, an EMA of the weights for evaluation (its decay 0.9 every 8
+    # optimizer steps, 0.9 ** (1 / 8) = 0.987 every step). Differences: bf16 compute where it uses fp16; the
+    # EMA updates every step, without Flow-GRPO's warm-up ramp of the decay (plumbing/ema.py).
     "sd35": dict(
         model="stabilityai/stable-diffusion-3.5-medium",
         prompts="pickapic:train",
@@ -66,6 +67,7 @@ TRAIN = {
         learning_rate=3e-4,
         max_grad_norm=1.0,
         gradient_accumulation_steps=72,
+        ema_decay=0.987,
         output_dir="runs/sd35-grpo",
     ),
     # DanceGRPO's FLUX recipe (github XueZeyue/DanceGRPO, scripts/finetune/finetune_flux_grpo.sh, its 8-GPU
@@ -109,10 +111,12 @@ CHUNK["dance-lora"] |= dict(chunk_sizes=(1, 2, 3, 5))  # T = 11
 # Its PickScore run on SD3.5-M: KL to the base 1e-4; rollouts here stay Flow-GRPO's (AWM samples 14 ODE steps
 # without CFG), training 6 of their 9 sigmas. The toy preset is train_grpo.py's, the loss AWM's, at the lr
 # and KL it was measured with before the GRPO preset moved to lr 1e-4 / beta 0.04 (not measured for AWM).
+# AWM's own EMA (of recent policies, the loss's anchor) is not Flow-GRPO's evaluation EMA: sd35 keeps none.
 AWM = {
     "toy": TRAIN["toy"] | dict(learning_rate=5e-5, beta=0.0, output_dir="runs/toy-awm"),
     "sd35": TRAIN["sd35"]
-    | dict(beta=1e-4, timestep_fraction=0.67, gradient_accumulation_steps=144, output_dir="runs/sd35-awm"),
+    | dict(beta=1e-4, timestep_fraction=0.67, gradient_accumulation_steps=144, ema_decay=0.0)
+    | dict(output_dir="runs/sd35-awm"),
     # GCPO's FLUX.1-dev rollouts (the defaults) with Flow-Factory's FLUX AWM config (arXiv 2602.12529,
     # examples/awm/lora/flux1/default.yaml: LoRA r 64 / alpha 128, no KL, 4 of 10 sigmas) and AWM's lr,
     # grad norm, batch std and one optimizer step per rank's 24 trajectories.

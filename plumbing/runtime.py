@@ -1,8 +1,8 @@
 """
 Plumbing under every script: the user-error type and the one entry point that reports it, torchrun setup,
-FSDP2 sharding, cross-rank reductions, seeds and image grids (prompts are plumbing/prompts.py's; a run's
-folder, its checkpoints and its log are plumbing/checkpoints.py's). Nothing here is part of the algorithm
-(train_grpo.py holds that), and it imports nothing of the project.
+FSDP2 sharding, cross-rank reductions, seeds, the check of a run's output folder and image grids (prompts are
+plumbing/prompts.py's, a run's checkpoints plumbing/checkpoints.py's and its log plumbing/metrics.py's).
+Nothing here is part of the algorithm (train_grpo.py holds that), and it imports nothing of the project.
 """
 
 import math
@@ -206,6 +206,35 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ----------------------------------------------------------------------------- a run's output folder
+def check_output_dir(args):
+    """Refuse, before anything is written, an --output-dir that is not a writable folder, or one that holds a
+    run (metrics.jsonl or checkpoints/) when --resume is not given. Rank 0 looks (it alone writes there) and
+    every rank raises its verdict."""
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        problem = output_dir_problem(Path(args.output_dir), args.resume)
+    problem = gather_objects(problem)[0]
+    if problem is not None:
+        raise UsageError(problem)
+
+
+def output_dir_problem(out: Path, resume: bool) -> str | None:
+    """What is wrong with `out` as a run's folder, in one line, or None (then `out` exists)."""
+    if out.exists() and not out.is_dir():
+        return f"--output-dir {out} is a file; pass a folder for the run's metrics, samples and checkpoints"
+    if not resume and (Path(out, "metrics.jsonl").exists() or Path(out, "checkpoints").exists()):
+        return (
+            f"--output-dir {out} already holds a run (metrics.jsonl or checkpoints/); pass --resume to "
+            f"continue it, or a new --output-dir"
+        )
+    try:
+        writable_dir(out)  # the one sure test of writability (read-only mounts, ACLs, root)
+    except UsageError as e:
+        return str(e)
+    return None
 
 
 # ----------------------------------------------------------------------------- images

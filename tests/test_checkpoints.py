@@ -15,17 +15,18 @@ import torch
 import train_chunk
 import train_grpo
 from plumbing.checkpoints import (
-    check_output_dir,
     checkpoints,
     loadable,
     read_checkpoint,
+    read_policy,
     read_weights,
     resume,
     save_checkpoint,
     save_weights,
 )
+from plumbing.ema import WeightAverage
 from plumbing.metrics import Logger
-from plumbing.runtime import UsageError
+from plumbing.runtime import UsageError, check_output_dir
 from test_train import metrics, train, weights
 
 
@@ -234,7 +235,7 @@ def test_torchrun_shards_the_optimizer_and_resumes_bit_exactly(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--num-iterations", "2", "--checkpoint-every", "1", "--image-every", "0"]
+    flags = ["--num-iterations", "2", "--checkpoint-every", "1", "--image-every", "0", "--ema-decay", "0.5"]
     train("train_grpo.py", straight, *flags, nproc=2)
     ckpt = straight / "checkpoints" / "iter_00001"
     held = shard_bytes(ckpt / "optimizer")
@@ -245,8 +246,9 @@ def test_torchrun_shards_the_optimizer_and_resumes_bit_exactly(tmp_path):
     shutil.copytree(ckpt, resumed / "checkpoints" / "iter_00001")
     (resumed / "metrics.jsonl").write_text(json.dumps(metrics(straight)[0]) + "\n")
     train("train_grpo.py", resumed, *flags, "--resume", nproc=2)
-    a, b = (weights(out / "checkpoints/iter_00002/transformer") for out in (straight, resumed))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for folder in ("transformer", "ema"):  # the weights, and their average: sharded as they are
+        a, b = (weights(out / "checkpoints/iter_00002" / folder) for out in (straight, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for out in (straight, resumed):  # the optimizer's shards, gathered here into one file to compare
         dcp_to_torch_save(out / "checkpoints/iter_00002/optimizer", out / "optimizer.pt")
     a, b = (
@@ -258,6 +260,50 @@ def test_torchrun_shards_the_optimizer_and_resumes_bit_exactly(tmp_path):
     assert strip(metrics(resumed)) == strip(metrics(straight))
 
 
+# ----------------------------------------------------------------------------- the average of the weights
+def steps_with_average(args, steps=3):
+    """A policy, its optimizer and WeightAverage after `steps` AdamW steps; the weights at the start and after
+    each step."""
+    policy, optimizer = fresh(args)
+    ema = WeightAverage(policy.parameters(), args.ema_decay)
+    seen = [[p.detach().clone() for p in policy.parameters()]]
+    for _ in range(steps):
+        policy(torch.randn(4, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update()
+        seen.append([p.detach().clone() for p in policy.parameters()])
+    return policy, optimizer, ema, seen
+
+
+def test_the_average_is_the_closed_form_sum_and_swaps_in_and_out_exactly(tmp_path):
+    """After n steps: d^n w_0 + (1 - d) sum_k d^(n - k) w_k, the starting weights w_0 included."""
+    d, n = 0.8, 3
+    policy, _, ema, seen = steps_with_average(toy_args(tmp_path, ema_decay=d), n)
+    for i, average in enumerate(ema.average):
+        expected = d**n * seen[0][i] + sum((1 - d) * d ** (n - k) * seen[k][i] for k in range(1, n + 1))
+        torch.testing.assert_close(average, expected, rtol=1e-6, atol=1e-7)
+    averages = [a.clone() for a in ema.average]
+    with ema.swapped_in():
+        assert all(torch.equal(p, a) for p, a in zip(policy.parameters(), averages, strict=True))
+    assert all(torch.equal(p, w) for p, w in zip(policy.parameters(), seen[-1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ema.average, averages, strict=True))
+
+
+def test_a_checkpoint_keeps_the_average_and_resume_restores_it_bit_exactly(tmp_path):
+    args = toy_args(tmp_path, ema_decay=0.8)
+    policy, optimizer, ema, seen = steps_with_average(args)
+    save_checkpoint(policy, optimizer, args, 3, rank=0, ema=ema)
+    saved = read_policy(tmp_path / "checkpoints" / "iter_00003" / "ema")
+    names = [name for name, _ in policy.named_parameters()]
+    assert all(torch.equal(saved[k], a) for k, a in zip(names, ema.average, strict=True))
+    again, resumed = fresh(args)
+    restored = WeightAverage(again.parameters(), args.ema_decay)  # holds the starting weights until resume
+    assert resume(again, resumed, args, rank=0, ema=restored) == 3
+    assert all(torch.equal(a, b) for a, b in zip(restored.average, ema.average, strict=True))
+    assert all(torch.equal(p, w) for p, w in zip(again.parameters(), seen[-1], strict=True))
+
+
 # ----------------------------------------------------------------------------- another run's checkpoint
 def test_changed_run_flags_are_refused_with_the_differences(tmp_path):
     args = toy_args(tmp_path)
@@ -266,6 +312,8 @@ def test_changed_run_flags_are_refused_with_the_differences(tmp_path):
         resume(*fresh(args), replace(args, seed=1, num_generations=16), rank=0)
     assert "--seed 0 -> 1" in str(e.value) and "--num-generations 8 -> 16" in str(e.value)
     assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match=r"--ema-decay 0.0 -> 0.9"):  # it kept no average to resume
+        resume(*fresh(args), replace(args, ema_decay=0.9), rank=0)
     chunk = toy_args(tmp_path, cls=train_chunk.ChunkArgs)  # train_chunk.py resuming a train_grpo.py run
     with pytest.raises(UsageError, match=r"--chunk-layout \(unset\) -> fixed"):
         resume(*fresh(args), chunk, rank=0)

@@ -3,6 +3,7 @@ errors."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,13 @@ def test_checkpoint_forms(runs):
     assert resolve_checkpoint(str(folder / "transformer"))[1] == folder / "transformer"
     assert resolve_checkpoint(str(runs / "moved")) == (f"{runs / 'moved'}/iter_00002", folder / "transformer")
     assert resolve_checkpoint(f"mine={runs / 'moved'}") == ("mine", folder / "transformer")
+
+
+def test_a_checkpoint_with_an_average_of_the_weights_is_evaluated_with_it(runs, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "iter_00002"
+    shutil.copytree(runs / "moved" / "checkpoints" / "iter_00002", ckpt)
+    shutil.copytree(ckpt / "transformer", ckpt / "ema")  # as --ema-decay saves it
+    assert resolve_checkpoint(str(ckpt)) == (f"{ckpt} ema", ckpt / "ema")
+    assert resolve_checkpoint(str(tmp_path / "run")) == (f"{tmp_path / 'run'}/iter_00002 ema", ckpt / "ema")
+    assert resolve_checkpoint(f"mine={ckpt}") == ("mine", ckpt / "ema")
+    assert resolve_checkpoint(str(ckpt / "transformer")) == (str(ckpt / "transformer"), ckpt / "transformer")

@@ -17,8 +17,9 @@ METHOD = ["sampler", "chunking", "rewards", "train_grpo", "train_chunk", "train_
 LAYERS = [
     ["plumbing.toy", "plumbing.recipes"],  # the world, and the published recipes: import nothing of ours
     ["plumbing.runtime"],  # user errors, the entry point, torchrun
-    ["plumbing.lora", "plumbing.prompts"],
-    ["plumbing.checkpoints", "plumbing.metrics"],  # a run's folder: checkpoints, resume; metrics.jsonl
+    ["plumbing.lora", "plumbing.prompts", "plumbing.ema"],
+    ["plumbing.checkpoints"],  # a run's folder: checkpoints, resume
+    ["plumbing.metrics"],  # its log, metrics.jsonl, and the guard that names its last good checkpoint
     ["plumbing.tables_and_figures"],
     ["plumbing.models", "plumbing.reward_loading", "plumbing.reward_inputs"],  # what the method calls
     ["sampler"],  # the SDE and rollouts: the method starts here

@@ -18,6 +18,7 @@ from sampler import mode_defaults
 from test_train import TINY, check_run, metrics, train
 
 LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--beta", "0.01", "--learning-rate", "1e-3"]
+LORA += ["--ema-decay", "0.5"]  # the average of the adapter's weights, saved and resumed as the adapter is
 
 
 def adapter_weights(checkpoint):
@@ -26,7 +27,8 @@ def adapter_weights(checkpoint):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """4 iterations of step-level GRPO with a rank-4 adapter and the KL term, a checkpoint every 2."""
+    """4 iterations of step-level GRPO with a rank-4 adapter, the KL term and the average of the weights, a
+    checkpoint every 2."""
     out = tmp_path_factory.mktemp("lora")
     train("train_grpo.py", out, *LORA, "--num-iterations", "4", "--checkpoint-every", "2")
     return out
@@ -41,6 +43,7 @@ def test_lora_toy_run_learns_and_saves_only_the_adapter(lora_run):
     assert all(v.dtype == torch.float32 for v in trained.values())
     # B starts at 0 (the policy starts as the base): training moved it
     assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 0
+    assert lora.read_adapter(ckpt / "ema").keys() == trained.keys()  # the average: an adapter too
     config = torch.load(ckpt / "trainer.pt", weights_only=True)["args"]
     assert config["lora_rank"] == 4 and config["lora_alpha"] == 8
 
@@ -50,11 +53,9 @@ def test_lora_resume_equals_an_uninterrupted_run(lora_run, tmp_path):
     shutil.copytree(lora_run / "checkpoints" / "iter_00002", out / "checkpoints" / "iter_00002")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(lora_run)[:2]))
     train("train_grpo.py", out, *LORA, "--num-iterations", "4", "--checkpoint-every", "2", "--resume")
-    a, b = (
-        adapter_weights(lora_run / "checkpoints/iter_00004"),
-        adapter_weights(out / "checkpoints/iter_00004"),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for folder in ("lora", "ema"):  # the adapter, and its average
+        a, b = (lora.read_adapter(run / "checkpoints/iter_00004" / folder) for run in (lora_run, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(metrics(out)) == strip(metrics(lora_run))
 

@@ -98,6 +98,7 @@ def test_mode_dependent_defaults_follow_the_mode_unless_given():
     assert resolved("--preset", "dance") == (0.3, 1e-4)
     sd35 = cli(train_grpo.Args, train_grpo.PRESETS, ["--preset", "sd35"])
     assert sd35.schedule == "pipeline" and sd35.timestep_fraction == 1.0 and sd35.beta == 0.01
+    assert 0.9 ** (1 / 8) == pytest.approx(sd35.ema_decay, abs=5e-4)  # Flow-GRPO's decay 0.9 every 8 steps
     assert cli(eval.Args, eval.PRESETS, []).schedule == "pipeline"
     evaluated = mode_defaults(cli(eval.Args, eval.PRESETS, []))  # no clip range: only eta, ode's is 0
     assert evaluated.eta == 0.0 and (evaluated.num_steps, evaluated.sde_mode) == (50, "ode")

@@ -68,9 +68,10 @@ def check_run(out, iterations):
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """4 iterations of step-level GRPO, a checkpoint every 2, shared by the run, checkpoint, resume tests."""
+    """4 iterations of step-level GRPO, a checkpoint every 2 (with an average of the weights), shared by the
+    run, checkpoint, resume tests."""
     out = tmp_path_factory.mktemp("grpo")
-    train("train_grpo.py", out, "--num-iterations", "4", "--checkpoint-every", "2")
+    train("train_grpo.py", out, "--num-iterations", "4", "--checkpoint-every", "2", "--ema-decay", "0.5")
     return out
 
 
@@ -87,18 +88,20 @@ def test_grpo_toy_run_logs_finite_metrics_and_saves_a_stock_loadable_checkpoint(
         for a, b in zip(model.state_dict().values(), base.state_dict().values(), strict=True)
     )
     assert moved > 0, "training did not change the weights"
+    average = FluxTransformer2DModel.from_pretrained(ckpt / "ema").state_dict()  # between the two
+    for other in (model.state_dict(), base.state_dict()):
+        assert max((average[k] - other[k]).abs().max().item() for k in average) > 0
 
 
 def test_resume_equals_an_uninterrupted_run(straight, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(Path(straight, "checkpoints", "iter_00002"), out / "checkpoints" / "iter_00002")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(straight)[:2]))
-    train("train_grpo.py", out, "--num-iterations", "4", "--checkpoint-every", "2", "--resume")
-    a, b = (
-        weights(straight / "checkpoints/iter_00004/transformer"),
-        weights(out / "checkpoints/iter_00004/transformer"),
-    )
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    flags = ["--num-iterations", "4", "--checkpoint-every", "2", "--ema-decay", "0.5", "--resume"]
+    train("train_grpo.py", out, *flags)
+    for folder in ("transformer", "ema"):
+        a, b = (weights(run / "checkpoints/iter_00004" / folder) for run in (straight, out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert strip(metrics(out)) == strip(metrics(straight))
 
