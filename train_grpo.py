@@ -330,6 +330,8 @@ def print_settings(args: Args, world: int, params, objective_lines, start: int):
     print0(f"trained parameters: {sum(p.numel() for p in params):,} ({'LoRA' if args.lora_rank else 'all'})")
     print0("\n".join(objective_lines))
     print0(f"policy: {args.sde_mode} SDE, eta {args.eta:g}, clip {args.clip_range:g}, {args.schedule} sigmas")
+    if args.ema_decay:
+        print0(f"evaluated model: an EMA of the weights, decay {args.ema_decay:g} (checkpoints' ema/)")
     print0(f"starting at iteration {start} of {args.num_iterations}")
 
 

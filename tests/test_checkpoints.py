@@ -50,7 +50,9 @@ TINY = dict(prompts_per_rank=2, num_generations=4, num_steps=6, gradient_accumul
 
 
 def toy_args(out, cls=train_grpo.Args, **changes):
-    return replace(cls(), **{**train_grpo.PRESETS["toy"], "output_dir": str(out), "resume": True, **changes})
+    """The toy preset's args, less its average of the weights unless asked for (train_and_save keeps none)."""
+    preset = {**train_grpo.PRESETS["toy"], "output_dir": str(out), "resume": True, "ema_decay": 0.0}
+    return replace(cls(), **{**preset, **changes})
 
 
 def fresh(args, **tiny):
