@@ -10,14 +10,17 @@ TOY_CURVE = Path(__file__).resolve().parents[1] / "assets" / "toy" / "l1rel.json
 
 TRAIN = {
     # The toy world (not a paper's): 16 prompts x 8 images, all 128 trajectories in one optimizer step, 200
-    # iterations (25,600 trajectories, ~4 s an iteration on 2 CPU cores). The policy gradient of the toy's
-    # verifier is mostly noise (scripts/gradient_snr.py: a batch of 128 has cosine ~0.01 with the next), so
-    # the preset buys volume: the VAE's 16 tokens make a trajectory 2.6x cheaper than the pixel bundle's 64,
-    # and all 128 go into one optimizer step, the setting that first learned (NOTES.md, issue 24). lr 1e-4
-    # with Flow-GRPO's GenEval KL (beta 0.04): at lr 5e-5 every run gained less, and at lr 1e-4 without the
-    # KL a step-level run collapsed after ~175 iterations (README, Results). Evaluated as Flow-GRPO evaluates,
-    # with an EMA of the weights, here over the last ~20 iterations (0.95 a step): it lifted the chunk
-    # objective's held-out gain by ~0.01 on each of 3 seeds and left the step objective's as it was.
+    # iterations (25,600 trajectories). The policy gradient of the toy's verifier is mostly noise
+    # (scripts/gradient_snr.py: a batch of 128 has cosine ~0.01 with the next), so the preset buys volume: the
+    # VAE's 16 tokens make a trajectory 2.6x cheaper than the pixel bundle's 64, and all 128 go into one
+    # optimizer step, the setting that first learned (NOTES.md, issue 24). lr 1e-4 with Flow-GRPO's GenEval KL
+    # (beta 0.04): at lr 5e-5 every run gained less, and at lr 1e-4 without the KL a step-level run collapsed
+    # after ~175 iterations (README, Results). Each trajectory trains all 16 of its steps, as Flow-GRPO trains
+    # all of its own: twice the transitions of the default half, for 1.65x the time of an iteration (~6.4 s on
+    # one thread against ~3.9), lifted step-level GRPO's held-out gain from +0.057 to +0.071 (3 seeds,
+    # paired by seed +0.009 to +0.024). Evaluated as Flow-GRPO evaluates, with an EMA of the weights, here
+    # over the last ~20 iterations (0.95 a step): it lifted the chunk objective's held-out gain by ~0.01 on
+    # each of 3 seeds and left the step objective's as it was.
     "toy": dict(
         model="toy",
         prompts="toy:train",
@@ -28,6 +31,7 @@ TRAIN = {
         num_generations=8,
         rollout_batch_size=128,
         train_batch_size=64,
+        timestep_fraction=1.0,
         clip_range=1e-3,
         learning_rate=1e-4,
         beta=0.04,
@@ -100,6 +104,8 @@ TRAIN["dance-lora"] = TRAIN["dance"] | dict(
 # train_chunk.py: the same recipes; the toy one cuts the toy model's own L1rel curve (64 held-out prompts,
 # `python chunking.py --output-dir assets/toy`) into 4 chunks with the `curve` rule.
 CHUNK = {name: {**p, "output_dir": p["output_dir"].replace("grpo", "chunk")} for name, p in TRAIN.items()}
+# Its chunks are drawn as GCPO draws them, half of them per trajectory (`chunk_fraction` 0.5, ~7 of 16 steps
+# with weighted sampling): training all of them would leave weighted sampling nothing to choose.
 CHUNK["toy"] |= dict(chunk_layout="curve", chunk_curve=str(TOY_CURVE))
 # GCPO publishes chunks only for its 17-step FLUX schedule ([2, 3, 4, 7] of 16 trainable steps). The recipes
 # with other schedules keep its shape: four chunks, each its share of the T trainable steps (2/16, 3/16, 4/16,
@@ -112,12 +118,13 @@ CHUNK["dance-lora"] |= dict(chunk_sizes=(1, 2, 3, 5))  # T = 11
 # scxue/advantage_weighted_matching, config/dgx_awm.py): LoRA r 32 / alpha 64 at lr 3e-4, grad norm 1.0,
 # advantages over one std of the whole batch, one optimizer step per rollout batch, 6 of 14 sigmas trained.
 # Its PickScore run on SD3.5-M: KL to the base 1e-4; rollouts here stay Flow-GRPO's (AWM samples 14 ODE steps
-# without CFG), training 6 of their 9 sigmas. The toy preset is train_grpo.py's, the loss AWM's, at the lr
-# and KL it was measured with before the GRPO preset moved to lr 1e-4 / beta 0.04 and an EMA (not measured
-# for AWM). AWM's own EMA (of recent policies, the loss's anchor) is not Flow-GRPO's evaluation EMA: neither
-# AWM preset keeps one.
+# without CFG), training 6 of their 9 sigmas. The toy preset is train_grpo.py's, the loss AWM's, at the lr,
+# KL and timestep fraction it was measured with before the GRPO preset moved to lr 1e-4 / beta 0.04, an EMA
+# and all 16 steps trained (not measured for AWM). AWM's own EMA (of recent policies, the loss's anchor) is
+# not Flow-GRPO's evaluation EMA: neither AWM preset keeps one.
 AWM = {
-    "toy": TRAIN["toy"] | dict(learning_rate=5e-5, beta=0.0, ema_decay=0.0, output_dir="runs/toy-awm"),
+    "toy": TRAIN["toy"]
+    | dict(learning_rate=5e-5, beta=0.0, ema_decay=0.0, timestep_fraction=0.5, output_dir="runs/toy-awm"),
     "sd35": TRAIN["sd35"]
     | dict(beta=1e-4, timestep_fraction=0.67, gradient_accumulation_steps=144, ema_decay=0.0)
     | dict(output_dir="runs/sd35-awm"),
