@@ -439,6 +439,7 @@ def main(args: Args, objective=step_objective, describe=describe_steps):
         if checkpoint_due(it + 1, args):
             save_checkpoint(policy, optimizer, args, it + 1, rank, ema)
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still has a collective in flight
         dist.destroy_process_group()
 
 

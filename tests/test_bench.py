@@ -84,7 +84,7 @@ def test_bench_runs_under_torchrun():
 def test_the_train_floor_runs_as_many_transitions_as_the_objective_trained(monkeypatch, capsys):
     results, out = run_bench(monkeypatch, capsys, model="tiny", objective="step", iterations=2)
     t = bench.MODELS["tiny"].recipe
-    k = num_selected(t["num_steps"] - 1, 0.5)  # the toy recipe's timestep_fraction
+    k = num_selected(t["num_steps"] - 1, t["timestep_fraction"])  # the toy recipe's
     assert f"trained steps per trajectory: {k} of T = {t['num_steps'] - 1}" in out
     for r in results:
         assert r["rows"] == t["prompts_per_rank"] * t["num_generations"] * k  # counted as the objective ran
@@ -95,7 +95,7 @@ def test_the_train_floor_runs_as_many_transitions_as_the_objective_trained(monke
 def test_the_awm_objective_trains_its_stratified_points(monkeypatch, capsys):
     results, out = run_bench(monkeypatch, capsys, model="tiny", objective="awm", iterations=1)
     t = bench.MODELS["tiny"].recipe
-    k = num_selected(t["num_steps"] - 1, 0.5)  # one sigma of each of k strata per trajectory
+    k = num_selected(t["num_steps"] - 1, t["timestep_fraction"])  # one sigma of each of k strata a trajectory
     assert f"AWM: {k} of T = {t['num_steps'] - 1} sigmas" in out and "ratio_first 0.0e+00" in out
     assert all(r["rows"] == t["prompts_per_rank"] * t["num_generations"] * k for r in results)
     check_table(out)

@@ -66,12 +66,25 @@ def check_run(out, iterations):
     return rows
 
 
+# the straight run: half the steps trained (the preset trains all), as train_chunk.py trains half its chunks
+STRAIGHT = [
+    "--num-iterations",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--ema-decay",
+    "0.5",
+    "--timestep-fraction",
+    "0.5",
+]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """4 iterations of step-level GRPO, a checkpoint every 2 (with an average of the weights), shared by the
-    run, checkpoint, resume tests."""
+    run, checkpoint, resume tests; the chunks-of-one test checks that train_chunk.py draws the same steps."""
     out = tmp_path_factory.mktemp("grpo")
-    train("train_grpo.py", out, "--num-iterations", "4", "--checkpoint-every", "2", "--ema-decay", "0.5")
+    train("train_grpo.py", out, *STRAIGHT)
     return out
 
 
@@ -97,8 +110,7 @@ def test_resume_equals_an_uninterrupted_run(straight, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(Path(straight, "checkpoints", "iter_00002"), out / "checkpoints" / "iter_00002")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(straight)[:2]))
-    flags = ["--num-iterations", "4", "--checkpoint-every", "2", "--ema-decay", "0.5", "--resume"]
-    train("train_grpo.py", out, *flags)
+    train("train_grpo.py", out, *STRAIGHT, "--resume")
     for folder in ("transformer", "ema"):
         a, b = (weights(run / "checkpoints/iter_00004" / folder) for run in (straight, out))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
