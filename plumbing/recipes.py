@@ -16,8 +16,8 @@ TRAIN = {
     # optimizer step, the setting that first learned (NOTES.md, issue 24). lr 1e-4 with Flow-GRPO's GenEval KL
     # (beta 0.04): at lr 5e-5 every run gained less, and at lr 1e-4 without the KL a step-level run collapsed
     # after ~175 iterations (README, Results). Each trajectory trains all 16 of its steps, as Flow-GRPO trains
-    # all of its own: twice the transitions of the default half, for 1.65x the time of an iteration (~6.4 s on
-    # one thread against ~3.9), lifted step-level GRPO's held-out gain from +0.057 to +0.071 (3 seeds,
+    # all of its own: twice the default half's transitions, for 1.65x the time of an iteration (~6.4 s on one
+    # thread against ~3.9), which lifted step-level GRPO's held-out gain from +0.057 to +0.071 (3 seeds,
     # paired by seed +0.009 to +0.024). Evaluated as Flow-GRPO evaluates, with an EMA of the weights, here
     # over the last ~20 iterations (0.95 a step): it lifted the chunk objective's held-out gain by ~0.01 on
     # each of 3 seeds and left the step objective's as it was.
