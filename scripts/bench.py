@@ -68,6 +68,7 @@ TINY_VAE |= dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("
 Size = namedtuple("Size", "family transformer vae text recipe")
 TINY_RUN = dict(prompts_per_rank=2, num_generations=4, num_steps=6, rollout_batch_size=8, train_batch_size=4)
 TINY_RUN |= dict(gradient_accumulation_steps=4, chunk_layout="uniform", chunk_size=2)
+TINY_RUN |= dict(timestep_fraction=0.5)  # step and AWM draw 2 of the 5 steps: draws to test
 MODELS = {
     "toy": Size("flux", TOY, TOY_VAE, (12, 64, 64), recipes.CHUNK["toy"]),
     "tiny": Size("flux", TINY, TINY_VAE, (8, 32, 32), recipes.CHUNK["toy"] | TINY_RUN),  # FLUX's path, fast
